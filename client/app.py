@@ -1,0 +1,118 @@
+"""ClientApp: unpack the message, train or evaluate with ``common``, pack the reply.
+
+The reply to a train message holds the meme's arrays and scalar metrics, nothing else:
+the private model stays in ``context.state``.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import private
+from common.config import Config, load_config
+from common.data import ClientData, load_client_data
+from common.models import TaskSpec, build_model
+from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
+from common.records import load_into, to_record
+from common.runtime import derive_seed, resolve_device
+
+app = ClientApp()
+
+
+def _task_spec(config: ConfigRecord) -> TaskSpec:
+    return TaskSpec(int(config["channels"]), int(config["size"]), int(config["num-classes"]))
+
+
+def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientData:
+    data = load_client_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+    if (data.spec.channels, data.spec.size) != (spec.channels, spec.size):
+        raise ValueError(f"this client's images are {data.spec.channels}x{data.spec.size}px, "
+                         f"the federation's are {spec.channels}x{spec.size}px")
+    top = max(int(data.y_train.max()), int(data.y_test.max()) if len(data.y_test) else 0)
+    if top >= spec.num_classes:
+        raise ValueError(f"this client has label {top}, outside the federation's "
+                         f"{spec.num_classes} classes")
+    return data
+
+
+def _meme(cfg: Config, spec: TaskSpec, arrays: ArrayRecord, device: torch.device):
+    meme = build_model(cfg.meme_model, spec)
+    load_into(meme, arrays, what="meme received from the server")
+    return meme.to(device)
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Tell the server who this node is (a stable key) and the shape of its data.
+
+    The server orders and samples clients by this key, so runs are reproducible although
+    Flower's node ids are random; with ``npz`` data it also learns the task shape here.
+    """
+    cfg = load_config(context.run_config)
+    node = private.node_info(cfg, context)
+    metrics = {"client-key": node.client_key, "channels": 0, "size": 0, "num-classes": 0}
+    if cfg.dataset == "npz":
+        data = load_client_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+        top = max(int(data.y_train.max()), int(data.y_test.max()) if len(data.y_test) else 0)
+        metrics.update(channels=data.spec.channels, size=data.spec.size, **{"num-classes": top + 1})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local update: restore the private model, train it with the meme, reply the meme."""
+    cfg = load_config(context.run_config)
+    config = msg.content["config"]
+    server_round = int(config["server-round"])
+    spec = _task_spec(config)
+    node = private.node_info(cfg, context)
+    data = _client_data(cfg, node, spec)
+    device = resolve_device(cfg.device)
+
+    algo = cfg.algorithm
+    meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
+    opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh every round
+    priv = private.restore(context, cfg, node, spec, device) if algo.trains_local else None
+    hp = Hyper(alpha=cfg.alpha if algo.distills else 1.0,
+               beta=cfg.beta if algo.distills else 1.0,
+               temperature=cfg.temperature,
+               proximal_mu=float(config.get("proximal-mu", 0.0)),
+               batch_size=cfg.batch_size, epochs=cfg.local_epochs)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
+                                                    server_round))
+    stats = train_epochs(priv.model if priv else None, meme, priv.optimizer if priv else None,
+                         opt_meme, data.x_train, data.y_train, hp, gen, device)
+    if priv is not None:
+        priv.round = server_round
+        private.store(context, priv, server_round)
+
+    metrics = {"num-examples": stats.num_examples}
+    if priv is not None:
+        metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
+    if meme is not None:
+        metrics.update({"train-loss-meme": stats.loss_meme, "train-acc-meme": stats.acc_meme})
+    arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_both(msg: Message, context: Context) -> Message:
+    """Both models on this client's own held-out split (personalised accuracy)."""
+    cfg = load_config(context.run_config)
+    spec = _task_spec(msg.content["config"])
+    node = private.node_info(cfg, context)
+    data = _client_data(cfg, node, spec)
+    device = resolve_device(cfg.device)
+    metrics: dict[str, float | int] = {"num-examples": len(data.y_test)}
+    if cfg.algorithm.trains_local:
+        priv = private.restore(context, cfg, node, spec, device)
+        loss, acc = evaluate(priv.model, data.x_test, data.y_test, device)
+        metrics.update({"local-loss": loss, "local-accuracy": acc})
+    if cfg.algorithm.trains_meme:
+        meme = _meme(cfg, spec, msg.content["arrays"], device)
+        loss, acc = evaluate(meme, data.x_test, data.y_test, device)
+        metrics.update({"meme-loss": loss, "meme-accuracy": acc})
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

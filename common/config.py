@@ -1,0 +1,246 @@
+"""The run-config schema: every key, its type, default and allowed range, validated once.
+
+Flower hands the ServerApp and every ClientApp the same ``context.run_config``. Both call
+:func:`load_config` before doing any work, so a bad value fails with one clear message
+(naming the key, the value and what is allowed) before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from common.data import DATASET_NAMES
+from common.models import MODEL_NAMES
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range."""
+
+
+class Algorithm(str, Enum):
+    """The training algorithms of the harness; the only place that maps names to behaviour."""
+
+    FML = "fml"
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    LOCAL = "local"
+
+    @property
+    def trains_local(self) -> bool:
+        """Whether clients train a private local model."""
+        return self in (Algorithm.FML, Algorithm.LOCAL)
+
+    @property
+    def trains_meme(self) -> bool:
+        """Whether clients train (and the server aggregates) the shared meme model."""
+        return self is not Algorithm.LOCAL
+
+    @property
+    def distills(self) -> bool:
+        """Whether local and meme distil from each other (deep mutual learning)."""
+        return self is Algorithm.FML
+
+
+class Aggregation(str, Enum):
+    """How the server weighs the clients' memes."""
+
+    WEIGHTED = "weighted"  # by num-examples (FedAvg)
+    UNIFORM = "uniform"  # equal weights (as in the FML paper)
+
+
+class Partitioner(str, Enum):
+    """How a built-in dataset is split across simulated clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    PATHOLOGICAL = "pathological"
+
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    def check(v: float) -> bool:
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return check
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _device(v: str) -> bool:
+    if v in ("auto", "cpu", "cuda"):
+        return True
+    return v.startswith("cuda:") and v[5:].isdigit()
+
+
+def _model_list(v: str) -> bool:
+    names = [n.strip() for n in v.split(",")] if v.strip() else []
+    return all(n in MODEL_NAMES for n in names)
+
+
+@dataclass(frozen=True)
+class _Key:
+    name: str
+    type: type
+    default: Any
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+
+
+_MODELS = ", ".join(MODEL_NAMES)
+SCHEMA: tuple[_Key, ...] = (
+    _Key("algorithm", Algorithm, Algorithm.FML),
+    _Key("num-server-rounds", int, 5, _positive, "an integer >= 1"),
+    _Key("fraction-train", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    _Key("fraction-evaluate", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    _Key("min-clients", int, 2, _positive, "an integer >= 1"),
+    _Key("round-timeout", float, 3600.0, _positive, "seconds > 0"),
+    _Key("local-epochs", int, 1, _positive, "an integer >= 1"),
+    _Key("batch-size", int, 32, _positive, "an integer >= 1"),
+    _Key("lr", float, 0.01, _positive, "a number > 0"),
+    _Key("momentum", float, 0.9, _in(0, 1, hi_open=True), "a number in [0, 1)"),
+    _Key("weight-decay", float, 0.0, _non_negative, "a number >= 0"),
+    _Key("alpha", float, 0.5, _in(0, 1), "a number in [0, 1]"),
+    _Key("beta", float, 0.5, _in(0, 1), "a number in [0, 1]"),
+    _Key("temperature", float, 1.0, _positive, "a number > 0"),
+    _Key("proximal-mu", float, 0.01, _non_negative, "a number >= 0"),
+    _Key("aggregation", Aggregation, Aggregation.WEIGHTED),
+    _Key("meme-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
+    _Key("local-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
+    _Key("local-models", str, "", _model_list, f"empty or a comma list of {_MODELS}"),
+    _Key(
+        "dataset", str, "fashion-mnist", lambda v: v in DATASET_NAMES,
+        f"one of {', '.join(DATASET_NAMES)}",
+    ),
+    _Key("data-dir", str, ""),
+    _Key("data-path", str, ""),
+    _Key("partitioner", Partitioner, Partitioner.DIRICHLET),
+    _Key("dirichlet-alpha", float, 0.1, _positive, "a number > 0"),
+    _Key("classes-per-client", int, 2, _positive, "an integer >= 1"),
+    _Key("test-fraction", float, 0.25, _in(0, 1, True, True), "a number in (0, 1)"),
+    _Key("seed", int, 42, _non_negative, "an integer >= 0"),
+    _Key("device", str, "auto", _device, "auto, cpu, cuda or cuda:N"),
+    _Key("output-dir", str, ""),
+    _Key("run-name", str, "", lambda v: "/" not in v and v not in (".", ".."),
+         "a folder name without '/'"),
+)
+_BY_NAME = {k.name: k for k in SCHEMA}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated run config; attribute names are the keys in snake_case."""
+
+    algorithm: Algorithm
+    num_server_rounds: int
+    fraction_train: float
+    fraction_evaluate: float
+    min_clients: int
+    round_timeout: float
+    local_epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    alpha: float
+    beta: float
+    temperature: float
+    proximal_mu: float
+    aggregation: Aggregation
+    meme_model: str
+    local_model: str
+    local_models: str
+    dataset: str
+    data_dir: str
+    data_path: str
+    partitioner: Partitioner
+    dirichlet_alpha: float
+    classes_per_client: int
+    test_fraction: float
+    seed: int
+    device: str
+    output_dir: str
+    run_name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Kebab-case keys and plain values, as in ``[tool.flwr.app.config]``."""
+        out = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = v.value if isinstance(v, Enum) else v
+        return out
+
+    def local_model_for(self, partition_id: int | None) -> str:
+        """The private model's architecture: ``local-models`` cycled by partition id."""
+        names = [n.strip() for n in self.local_models.split(",") if n.strip()]
+        if names and partition_id is not None:
+            return names[partition_id % len(names)]
+        return self.local_model
+
+
+def _describe(key: _Key) -> str:
+    if isinstance(key.type, type) and issubclass(key.type, Enum):
+        return "one of " + ", ".join(m.value for m in key.type)
+    return key.allowed or f"a {key.type.__name__}"
+
+
+def _coerce(key: _Key, value: Any) -> Any:
+    def fail() -> ConfigError:
+        return ConfigError(
+            f"run-config key '{key.name}' = {value!r} is invalid: expected {_describe(key)}"
+        )
+
+    if issubclass(key.type, Enum):
+        try:
+            return key.type(value)
+        except ValueError:
+            raise fail() from None
+    accepted = (int, float) if key.type is float else (key.type,)
+    if isinstance(value, bool) or not isinstance(value, accepted):
+        raise fail()
+    value = key.type(value)
+    if key.check is not None and not key.check(value):
+        raise fail()
+    return value
+
+
+def load_config(run_config: Mapping[str, Any]) -> Config:
+    """Validate a Flower run config (kebab-case keys) and return it typed.
+
+    Missing keys take the schema default; unknown keys are refused, since a typo would
+    otherwise be silently ignored.
+    """
+    unknown = sorted(set(run_config) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
+            f"known keys: {', '.join(_BY_NAME)}"
+        )
+    values = {
+        k.name.replace("-", "_"): _coerce(k, run_config.get(k.name, k.default)) for k in SCHEMA
+    }
+    cfg = Config(**values)
+    if cfg.algorithm is Algorithm.FEDPROX and cfg.proximal_mu == 0:
+        raise ConfigError(
+            "run-config key 'proximal-mu' = 0 with algorithm 'fedprox' is just 'fedavg': "
+            "expected a number > 0"
+        )
+    if cfg.dataset == "npz" and not cfg.data_path:
+        raise ConfigError(
+            "run-config key 'data-path' is empty but dataset 'npz' needs it: expected the "
+            "path of an .npz file with arrays x and y ('{partition-id}' is replaced per client)"
+        )
+    return cfg
+
+
+def default_config() -> Config:
+    """The schema defaults, validated."""
+    return load_config({})

@@ -1,0 +1,332 @@
+"""Datasets by name, loaded once per process; each client's train/test split of its partition.
+
+Every dataset becomes float32 arrays shaped (N, C, H, W), normalised, with int64 labels.
+Nothing here is ever put in a message: clients load their own share, the server the test set.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from common.models import TaskSpec
+
+if TYPE_CHECKING:
+    from common.config import Config
+
+DATASET_NAMES: tuple[str, ...] = (
+    "fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "npz",
+)
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_DATA_ROOT = Path.home() / ".cache" / "fedmutual" / "data"
+
+
+class DataError(ValueError):
+    """A dataset cannot be found or its files are not what they should be."""
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """A whole dataset in memory: normalised float32 images and int64 labels."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
+    spec: TaskSpec
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's train and held-out test tensors (on the CPU)."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    spec: TaskSpec
+
+
+# --------------------------------------------------------------------------- IDX (MNIST-like)
+_IDX_FILES = {
+    "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzipped): unsigned-byte images or labels."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) != header + int(np.prod(dims)):
+        raise DataError(f"{path}: expected {int(np.prod(dims))} bytes of data for shape "
+                        f"{dims}, found {len(raw) - header} (truncated?)")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx_dir(candidates: list[Path]) -> Path | None:
+    for d in candidates:
+        if all((d / n).exists() or (d / f"{n}.gz").exists() for n in _IDX_FILES.values()):
+            return d
+    return None
+
+
+def _read_idx_dir(d: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for key, name in _IDX_FILES.items():
+        out[key] = read_idx(d / name if (d / name).exists() else d / f"{name}.gz")
+    return out
+
+
+def _load_mnist_like(name: str, data_dir: str) -> dict[str, np.ndarray]:
+    tv_name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
+    root = Path(data_dir).expanduser().resolve() if data_dir else DEFAULT_DATA_ROOT
+    candidates = [root, root / tv_name / "raw"]
+    if name == "fashion-mnist":
+        candidates.append(DEBIAN_FASHION_MNIST)
+    found = _find_idx_dir(candidates)
+    if found is None:
+        try:  # only where there is internet: torchvision fetches into <root>/<Name>/raw
+            import torchvision.datasets as tvd
+
+            getattr(tvd, tv_name)(str(root), train=True, download=True)
+            getattr(tvd, tv_name)(str(root), train=False, download=True)
+            found = _find_idx_dir([root / tv_name / "raw"])
+        except Exception as exc:  # noqa: BLE001 - any download failure means "not available"
+            hint = (" or install Debian's package: apt-get install dataset-fashion-mnist"
+                    if name == "fashion-mnist" else "")
+            raise DataError(
+                f"dataset '{name}' not found: looked for IDX files in "
+                f"{', '.join(map(str, candidates))}, and the download failed ({exc}). "
+                f"Put the four IDX files in the folder named by run-config key 'data-dir'"
+                f"{hint}."
+            ) from None
+    arrays = _read_idx_dir(found)
+    for split in ("train", "test"):
+        if len(arrays[f"x_{split}"]) != len(arrays[f"y_{split}"]):
+            raise DataError(f"{found}: {split} images and labels differ in count")
+    return arrays
+
+
+def _load_cifar(name: str, data_dir: str) -> dict[str, np.ndarray]:
+    import torchvision.datasets as tvd
+
+    cls = {"cifar10": tvd.CIFAR10, "cifar100": tvd.CIFAR100}[name]
+    root = str(Path(data_dir).expanduser().resolve() if data_dir else DEFAULT_DATA_ROOT)
+    out = {}
+    for split, train in (("train", True), ("test", False)):
+        try:  # torchvision checks every file's MD5 before it unpickles it
+            ds = cls(root, train=train, download=False)
+        except RuntimeError:
+            try:
+                ds = cls(root, train=train, download=True)
+            except Exception as exc:  # noqa: BLE001
+                raise DataError(
+                    f"dataset '{name}' not found or corrupt under {root} (torchvision "
+                    f"layout, files checked by MD5), and the download failed ({exc}). Set "
+                    f"run-config key 'data-dir' to the folder holding "
+                    f"'{cls.base_folder}'."
+                ) from None
+        out[f"x_{split}"] = ds.data.transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        out[f"y_{split}"] = np.asarray(ds.targets)
+    return out
+
+
+def _load_digits() -> dict[str, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images.astype(np.float32) / 16.0)[:, None]
+    train, test = _fixed_split(len(x), 0.2)
+    return {"x_train": x[train], "y_train": d.target[train],
+            "x_test": x[test], "y_test": d.target[test]}
+
+
+def _load_synthetic(n_train: int = 2400, n_test: int = 600, classes: int = 10,
+                    size: int = 8) -> dict[str, np.ndarray]:
+    """Fixed (seed-independent) Gaussian class prototypes plus noise: learnable, tiny."""
+    rng = np.random.default_rng(20240101)
+    protos = rng.normal(0, 1, (classes, 1, size, size)).astype(np.float32)
+    y = rng.integers(0, classes, n_train + n_test)
+    x = protos[y] + rng.normal(0, 1.0, (len(y), 1, size, size)).astype(np.float32)
+    return {"x_train": x[:n_train], "y_train": y[:n_train],
+            "x_test": x[n_train:], "y_test": y[n_train:]}
+
+
+def _fixed_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    from common.partition import train_test_split
+
+    return train_test_split(n, test_fraction, seed=0)
+
+
+def _normalise(arrays: dict[str, np.ndarray]) -> ArrayDataset:
+    """uint8 -> [0, 1], then standardise per channel with the train set's statistics."""
+    x_train = arrays["x_train"]
+    if x_train.ndim == 3:
+        arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
+    scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
+    xs = {k: arrays[k].astype(np.float32) / scale for k in ("x_train", "x_test") if k in arrays}
+    mean = xs["x_train"].mean(axis=(0, 2, 3), keepdims=True)
+    std = xs["x_train"].std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    xs = {k: np.ascontiguousarray((v - mean) / std) for k, v in xs.items()}
+    y_train = np.asarray(arrays["y_train"], dtype=np.int64)
+    y_test = np.asarray(arrays["y_test"], dtype=np.int64) if "y_test" in arrays else None
+    n, c, h, w = xs["x_train"].shape
+    labels = y_train if y_test is None else np.concatenate([y_train, y_test])
+    spec = TaskSpec(channels=c, size=h, num_classes=int(labels.max()) + 1)
+    return ArrayDataset(xs["x_train"], y_train, xs.get("x_test"), y_test, spec)
+
+
+@functools.lru_cache(maxsize=4)
+def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
+    """A built-in dataset, loaded once per process (later calls hit the cache)."""
+    if name in ("fashion-mnist", "mnist"):
+        arrays = _load_mnist_like(name, data_dir)
+    elif name in ("cifar10", "cifar100"):
+        arrays = _load_cifar(name, data_dir)
+    elif name == "digits":
+        arrays = _load_digits()
+    elif name == "synthetic":
+        arrays = _load_synthetic()
+    else:
+        raise DataError(f"unknown built-in dataset {name!r}: expected one of "
+                        f"{', '.join(n for n in DATASET_NAMES if n != 'npz')}")
+    return _normalise(arrays)
+
+
+# --------------------------------------------------------------------------- npz (own data)
+def load_npz(path: str | os.PathLike) -> ArrayDataset:
+    """A node's own data: ``x`` (N,H,W | N,C,H,W | N,H,W,C), int ``y``; optional test arrays.
+
+    Loaded with ``allow_pickle=False``: an .npz may come from anywhere.
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist (run-config key 'data-path')")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"data file {p} is not a readable .npz archive: {exc}") from None
+    for key in ("x", "y"):
+        if key not in arrays:
+            raise DataError(f"data file {p} has no array '{key}' (found: {sorted(arrays)})")
+    if ("x_test" in arrays) != ("y_test" in arrays):
+        raise DataError(f"data file {p}: 'x_test' and 'y_test' must come together")
+    out = {}
+    for split, (xk, yk) in {"train": ("x", "y"), "test": ("x_test", "y_test")}.items():
+        if xk not in arrays:
+            continue
+        x, y = arrays[xk], arrays[yk]
+        if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.transpose(0, 3, 1, 2)
+        if x.ndim not in (3, 4) or x.shape[-1] != x.shape[-2]:
+            raise DataError(f"data file {p}: '{xk}' has shape {x.shape}; expected square "
+                            "images shaped (N, H, W), (N, C, H, W) or (N, H, W, C)")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer) or len(y) != len(x):
+            raise DataError(f"data file {p}: '{yk}' must be 1-D integer labels, one per "
+                            f"image in '{xk}' ({len(x)}); found shape {y.shape}, {y.dtype}")
+        if len(y) == 0:
+            raise DataError(f"data file {p}: '{xk}' is empty")
+        if y.min() < 0:
+            raise DataError(f"data file {p}: '{yk}' has negative labels")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y
+    return _normalise(out)
+
+
+def resolve_data_path(template: str, partition_id: int | None) -> str:
+    """``{partition-id}`` in a data path becomes the client's partition id."""
+    if "{partition-id}" in template:
+        if partition_id is None:
+            raise DataError(f"data-path {template!r} uses {{partition-id}} but this node "
+                            "has no partition-id in its node config")
+        template = template.replace("{partition-id}", str(partition_id))
+    return template
+
+
+# --------------------------------------------------------------------------- per client
+def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+
+@functools.lru_cache(maxsize=8)
+def _partitions(name: str, data_dir: str, num_partitions: int, partitioner: str, seed: int,
+                dirichlet_alpha: float, classes_per_client: int) -> list[np.ndarray]:
+    from common.config import Partitioner
+    from common.partition import partition_indices
+
+    ds = load_dataset(name, data_dir)
+    return partition_indices(ds.y_train, num_partitions, Partitioner(partitioner), seed,
+                             dirichlet_alpha, classes_per_client)
+
+
+def client_partition_indices(cfg: Config, num_partitions: int) -> list[np.ndarray]:
+    """All partitions of the built-in dataset's train set (cached per process)."""
+    return _partitions(cfg.dataset, cfg.data_dir, num_partitions, cfg.partitioner.value,
+                       cfg.seed, cfg.dirichlet_alpha, cfg.classes_per_client)
+
+
+@functools.lru_cache(maxsize=4)
+def _client_data_cached(cfg: Config, partition_id: int | None, num_partitions: int,
+                        data_path: str) -> ClientData:
+    from common.partition import train_test_split
+
+    split_seed = cfg.seed * 100_003 + (partition_id or 0)
+    if cfg.dataset == "npz":
+        ds = load_npz(resolve_data_path(data_path, partition_id))
+        if ds.x_test is not None:
+            x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+        else:
+            tr, te = train_test_split(len(ds.y_train), cfg.test_fraction, split_seed)
+            x_tr, y_tr, x_te, y_te = ds.x_train[tr], ds.y_train[tr], ds.x_train[te], ds.y_train[te]
+    else:
+        if partition_id is None:
+            raise DataError(f"dataset '{cfg.dataset}' is split by partition, but this node's "
+                            "config has no 'partition-id' (set it with --node-config)")
+        if not 0 <= partition_id < num_partitions:
+            raise DataError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+        ds = load_dataset(cfg.dataset, cfg.data_dir)
+        idx = client_partition_indices(cfg, num_partitions)[partition_id]
+        tr, te = train_test_split(len(idx), cfg.test_fraction, split_seed)
+        x_tr, y_tr = ds.x_train[idx[tr]], ds.y_train[idx[tr]]
+        x_te, y_te = ds.x_train[idx[te]], ds.y_train[idx[te]]
+    if len(y_tr) == 0:
+        raise DataError(f"client {partition_id} has no training samples")
+    return ClientData(*_to_tensors(x_tr, y_tr), *_to_tensors(x_te, y_te), ds.spec)
+
+
+def load_client_data(cfg: Config, partition_id: int | None, num_partitions: int,
+                     data_path: str = "") -> ClientData:
+    """The client's train/test split of its partition (or of its own .npz), cached per process.
+
+    The split is seeded by (seed, partition id), so personalised accuracy is measured on a
+    fixed share of the client's own distribution.
+    """
+    return _client_data_cached(cfg, partition_id, num_partitions, data_path or cfg.data_path)
+
+
+def central_test_set(cfg: Config) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The dataset's global test set for the server's evaluation; None for ``npz``."""
+    if cfg.dataset == "npz":
+        return None
+    ds = load_dataset(cfg.dataset, cfg.data_dir)
+    assert ds.x_test is not None and ds.y_test is not None
+    return _to_tensors(ds.x_test, ds.y_test)
+
+
+def dataset_spec(cfg: Config) -> TaskSpec | None:
+    """The task shape of a built-in dataset; None for ``npz`` (the clients report it)."""
+    return None if cfg.dataset == "npz" else load_dataset(cfg.dataset, cfg.data_dir).spec

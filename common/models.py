@@ -1,0 +1,94 @@
+"""Model registry: every architecture is built from the task's (channels, size, classes).
+
+The task shape always comes from the dataset, never from the user, so the meme and every
+private model agree on the number of classes (which the KL terms need).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a model needs to know about the data: image channels, side length, classes."""
+
+    channels: int
+    size: int
+    num_classes: int
+
+
+def _flat_dim(features: nn.Module, spec: TaskSpec) -> int:
+    with torch.no_grad():
+        return features(torch.zeros(1, spec.channels, spec.size, spec.size)).numel()
+
+
+def cnn(spec: TaskSpec) -> nn.Module:
+    """The FedAvg paper's CNN as PFLlib builds it (2 conv 5x5 + pool, FC 512, FC out).
+
+    On 28x28 input it has 1,024 features after the convolutions (582k parameters with 10
+    classes). Inputs under 16 px would shrink to nothing, so there the convolutions pad.
+    """
+    pad = 0 if spec.size >= 16 else 2
+    features = nn.Sequential(
+        nn.Conv2d(spec.channels, 32, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    return nn.Sequential(
+        features, nn.Linear(_flat_dim(features, spec), 512), nn.ReLU(),
+        nn.Linear(512, spec.num_classes),
+    )
+
+
+def mlp(spec: TaskSpec) -> nn.Module:
+    """The FedAvg paper's 2NN: two hidden layers of 200 units."""
+    d = spec.channels * spec.size * spec.size
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(d, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(),
+        nn.Linear(200, spec.num_classes),
+    )
+
+
+def cnn_cifar(spec: TaskSpec) -> nn.Module:
+    """The FedAvg paper's CIFAR CNN (TensorFlow tutorial): 2 conv 5x5x64, FC 384, FC 192."""
+    pad = 0 if spec.size >= 16 else 2
+    features = nn.Sequential(
+        nn.Conv2d(spec.channels, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+    return nn.Sequential(
+        features, nn.Linear(_flat_dim(features, spec), 384), nn.ReLU(),
+        nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, spec.num_classes),
+    )
+
+
+def resnet18(spec: TaskSpec) -> nn.Module:
+    """torchvision's ResNet-18 adapted to small images: 3x3 stride-1 stem, no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    model = tv_resnet18(weights=None, num_classes=spec.num_classes)
+    model.conv1 = nn.Conv2d(spec.channels, 64, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+MODELS: dict[str, Callable[[TaskSpec], nn.Module]] = {
+    "cnn": cnn,
+    "mlp": mlp,
+    "cnn-cifar": cnn_cifar,
+    "resnet18": resnet18,
+}
+MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+
+
+def build_model(name: str, spec: TaskSpec) -> nn.Module:
+    """Build a registered model for the task; the caller seeds torch beforehand."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}: expected one of {', '.join(MODELS)}") from None
+    return factory(spec)

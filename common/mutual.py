@@ -1,0 +1,162 @@
+"""Deep mutual learning between the private local model and the meme: the loss, one epoch,
+and evaluation. Plain PyTorch; nothing here knows about Flower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batch-mean; the teacher is detached.
+
+    ``reduction="batchmean"`` is the true KL per sample (``"mean"`` would also divide by
+    the number of classes), and T² keeps the gradient scale independent of T.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+    return kl * (t * t)
+
+
+def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor,
+                  alpha: float, beta: float, temperature: float = 1.0,
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two FML losses on one batch.
+
+    L_local = α·CE(local, y) + (1-α)·KL(p_meme ‖ p_local)
+    L_meme  = β·CE(meme, y)  + (1-β)·KL(p_local ‖ p_meme)
+
+    Each KL's teacher is detached, so L_local's gradient reaches only the local model and
+    L_meme's only the meme. With α = β = 1 this is two independent cross-entropy losses.
+    """
+    loss_local = alpha * F.cross_entropy(local_logits, y)
+    loss_meme = beta * F.cross_entropy(meme_logits, y)
+    if alpha < 1:
+        loss_local = loss_local + (1 - alpha) * distillation_kl(local_logits, meme_logits,
+                                                                temperature)
+    if beta < 1:
+        loss_meme = loss_meme + (1 - beta) * distillation_kl(meme_logits, local_logits,
+                                                             temperature)
+    return loss_local, loss_meme
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """½·‖w − w_global‖² over the trainable parameters (FedProx); multiply by μ."""
+    return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor,
+                                                           strict=True))
+
+
+@dataclass
+class Hyper:
+    """Training hyper-parameters of one local update (a subset of the run config)."""
+
+    alpha: float = 0.5
+    beta: float = 0.5
+    temperature: float = 1.0
+    proximal_mu: float = 0.0
+    batch_size: int = 32
+    epochs: int = 1
+
+
+@dataclass
+class TrainStats:
+    """Mean losses and accuracies over the samples seen; None for a model not trained."""
+
+    num_examples: int
+    loss_local: float | None
+    loss_meme: float | None
+    acc_local: float | None
+    acc_meme: float | None
+
+
+def train_epochs(
+    local: nn.Module | None,
+    meme: nn.Module | None,
+    opt_local: torch.optim.Optimizer | None,
+    opt_meme: torch.optim.Optimizer | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    hp: Hyper,
+    generator: torch.Generator,
+    device: torch.device,
+) -> TrainStats:
+    """Train on (x, y) for ``hp.epochs``; both models see the same shuffled batches.
+
+    With both models: mutual learning, both updated every step. With one model (FedAvg,
+    FedProx, local-only): plain cross-entropy, plus FedProx's proximal term when μ > 0.
+    The data stays in memory: batches are index slices, no DataLoader workers.
+    """
+    if local is None and meme is None:
+        raise ValueError("train_epochs needs at least one model")
+    mutual = local is not None and meme is not None
+    anchor = ([p.detach().clone() for p in meme.parameters()]
+              if meme is not None and hp.proximal_mu > 0 else None)
+    models = [m for m in (local, meme) if m is not None]
+    for m in models:
+        m.train()
+    sums = {"ll": 0.0, "lm": 0.0, "cl": 0, "cm": 0}
+    n_seen = 0
+    x, y = x.to(device), y.to(device)
+    for _ in range(hp.epochs):
+        order = torch.randperm(len(y), generator=generator).to(device)
+        for start in range(0, len(y), hp.batch_size):
+            batch = order[start:start + hp.batch_size]
+            xb, yb = x[batch], y[batch]
+            out_l = local(xb) if local is not None else None
+            out_m = meme(xb) if meme is not None else None
+            if mutual:
+                loss_l, loss_m = mutual_losses(out_l, out_m, yb, hp.alpha, hp.beta,
+                                               hp.temperature)
+            else:
+                loss_l = F.cross_entropy(out_l, yb) if out_l is not None else None
+                loss_m = F.cross_entropy(out_m, yb) if out_m is not None else None
+            if loss_m is not None and anchor is not None:
+                loss_m = loss_m + hp.proximal_mu * proximal_term(meme, anchor)
+            for loss, opt, key in ((loss_l, opt_local, "l"), (loss_m, opt_meme, "m")):
+                if loss is None:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sums[f"l{key}"] += loss.item() * len(yb)
+            if out_l is not None:
+                sums["cl"] += (out_l.argmax(1) == yb).sum().item()
+            if out_m is not None:
+                sums["cm"] += (out_m.argmax(1) == yb).sum().item()
+            n_seen += len(yb)
+
+    def mean(key: str, model: nn.Module | None) -> float | None:
+        return None if model is None else sums[key] / max(n_seen, 1)
+
+    return TrainStats(len(y), mean("ll", local), mean("lm", meme), mean("cl", local),
+                      mean("cm", meme))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of a model on (x, y)."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = y[start:start + batch_size].to(device)
+        out = model(xb)
+        loss += F.cross_entropy(out, yb, reduction="sum").item()
+        correct += (out.argmax(1) == yb).sum().item()
+    return loss / len(y), correct / len(y)
+
+
+def make_optimizer(model: nn.Module, cfg: object) -> torch.optim.Optimizer:
+    """SGD with the run config's ``lr``, ``momentum`` and ``weight-decay``."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)

@@ -1,0 +1,147 @@
+"""Where results go and how they are written: atomically, as JSON and weights-only .pt."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import torch
+
+from common.config import Config
+
+METRIC_KEYS = (
+    "round", "local_accuracy", "meme_accuracy", "central_meme_accuracy", "train_loss_local",
+    "train_loss_meme", "num_clients", "bytes_up", "bytes_down", "seconds",
+)
+
+
+def project_dir() -> Path:
+    """The folder fedmutual was installed from (``pip install -e .``), else the cwd.
+
+    Flower runs the ServerApp from a copy of the app under ``$FLWR_HOME`` with a working
+    directory that is not the user's, so "outputs/ under the project" needs this.
+    """
+    try:
+        info = json.loads(metadata.distribution("fedmutual").read_text("direct_url.json") or "{}")
+        url = urlparse(info.get("url", ""))
+        if url.scheme == "file" and (Path(unquote(url.path)) / "pyproject.toml").is_file():
+            return Path(unquote(url.path)).resolve()
+    except (metadata.PackageNotFoundError, ValueError, OSError):
+        pass
+    return Path.cwd().resolve()
+
+
+def output_root(cfg: Config) -> Path:
+    """``output-dir`` as an absolute path; relative ones are taken from the project folder."""
+    p = Path(cfg.output_dir).expanduser() if cfg.output_dir else Path("outputs")
+    return p if p.is_absolute() else (project_dir() / p).resolve()
+
+
+def default_run_name(cfg: Config) -> str:
+    """``<algorithm>-<dataset>-seed<seed>-<UTC time>`` unless ``run-name`` is set."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return cfg.run_name or f"{cfg.algorithm.value}-{cfg.dataset}-seed{cfg.seed}-{stamp}"
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file, fsync and rename: a reader never sees half a file."""
+    text = json.dumps(data, indent=2, sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict_atomic(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """torch.save of plain tensors (loads with ``weights_only=True``), atomically."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunLog:
+    """The per-round records of ``metrics.json``, written after every round."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.records: list[dict[str, Any]] = []
+        self._current: dict[str, Any] | None = None
+        self._t0 = 0.0
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunLog:
+        """Make ``<output-dir>/<run-name>/`` and write ``config.json``.
+
+        A folder that already holds ``metrics.json`` is refused, never overwritten.
+        """
+        run_dir = output_root(cfg) / default_run_name(cfg)
+        if (run_dir / "metrics.json").exists():
+            raise FileExistsError(f"{run_dir} already holds results (metrics.json); choose "
+                                  "another run-config 'run-name' or move that folder away")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        return cls(run_dir)
+
+    def begin_round(self, server_round: int) -> None:
+        """Open the record of a round; every documented key starts as null."""
+        self._current = {k: None for k in METRIC_KEYS}
+        self._current.update(round=server_round, bytes_up=0, bytes_down=0, num_clients=0)
+        self._t0 = time.perf_counter()
+
+    def set(self, **values: Any) -> None:
+        """Set keys of the open round (ignored before the first round opens)."""
+        if self._current is not None:
+            self._current.update({k: _clean(v) for k, v in values.items()})
+
+    def add(self, key: str, amount: int) -> None:
+        """Add to a counter of the open round (bytes)."""
+        if self._current is not None:
+            self._current[key] += amount
+
+    def end_round(self) -> None:
+        """Close the open round and rewrite ``metrics.json``."""
+        if self._current is None:
+            return
+        self._current["seconds"] = round(time.perf_counter() - self._t0, 3)
+        self.records.append(self._current)
+        self._current = None
+        write_json_atomic(self.run_dir / "metrics.json", self.records)
+
+    def summary(self) -> str:
+        """One line: best and final local, meme and central accuracy."""
+        parts = []
+        for key, label in (("local_accuracy", "local"), ("meme_accuracy", "meme"),
+                           ("central_meme_accuracy", "central meme")):
+            vals = [(r[key], r["round"]) for r in self.records if r[key] is not None]
+            if vals:
+                best = max(vals)
+                parts.append(f"{label} accuracy best {best[0]:.4f} (round {best[1]}) "
+                             f"final {vals[-1][0]:.4f}")
+        body = " | ".join(parts) or "no accuracy recorded"
+        return f"fedmutual summary: {body} | results in {self.run_dir}"
