@@ -1,0 +1,108 @@
+"""The ClientApp driven through its real handlers with real Messages and Contexts."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
+
+from client import app as client_app
+from client import private
+from common.models import TaskSpec, build_model
+from common.records import to_record
+from tests.conftest import make_context, make_message, task_config
+
+RUN = {"dataset": "digits", "meme-model": "mlp", "local-model": "cnn", "batch-size": 16}
+SPEC = TaskSpec(1, 8, 10)
+
+
+def _train_message(meme_state, server_round=1):
+    return make_message(RecordDict({"arrays": to_record(meme_state),
+                                    "config": task_config(1, 8, 10, server_round)}))
+
+
+def _meme_state(seed=0):
+    torch.manual_seed(seed)
+    return build_model("mlp", SPEC).state_dict()
+
+
+def test_reply_is_only_the_meme_and_metrics():
+    ctx = make_context(RUN)
+    meme = _meme_state()
+    reply = client_app.train(_train_message(meme), ctx)
+    content = reply.content
+    assert list(content.array_records) == ["arrays"]
+    assert not content.config_records
+    arrays = content["arrays"]
+    assert list(arrays.keys()) == list(meme.keys())
+    for k, v in meme.items():
+        assert arrays[k].numpy().shape == tuple(v.shape)
+    metrics = content["metrics"]
+    assert set(metrics) == {"num-examples", "train-loss-local", "train-acc-local",
+                            "train-loss-meme", "train-acc-meme"}
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    # no private tensor leaves: compare every reply array with every private tensor
+    private_state = private.stored_model(ctx)
+    assert private_state is not None
+    for sent in arrays.values():
+        for kept in private_state.values():
+            a, b = sent.numpy(), kept.numpy()
+            assert not (a.shape == b.shape and np.array_equal(a, b))
+
+
+def test_second_round_starts_from_stored_private_model():
+    ctx = make_context(RUN)
+    client_app.train(_train_message(_meme_state()), ctx)
+    after_first = {k: v.numpy().copy() for k, v in private.stored_model(ctx).items()}
+    restored = private.restore(ctx, client_app.load_config(RUN), private.node_info(
+        client_app.load_config(RUN), ctx), SPEC, torch.device("cpu"))
+    for k, v in restored.model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), after_first[k])
+    # momentum buffers were kept too
+    assert restored.optimizer.state_dict()["state"]
+    client_app.train(_train_message(_meme_state(), server_round=2), ctx)
+    assert int(ctx.state.config_records["private-meta"]["round"]) == 2
+    fresh = private.restore(make_context(RUN), client_app.load_config(RUN), private.node_info(
+        client_app.load_config(RUN), ctx), SPEC, torch.device("cpu"))
+    second = private.stored_model(ctx)
+    # round 2 continued from round 1's weights, not from a fresh initialisation
+    diffs_from_first = sum(np.abs(second[k].numpy() - after_first[k]).sum() for k in after_first)
+    diffs_from_fresh = sum(np.abs(second[k].numpy() - v.numpy()).sum()
+                           for k, v in fresh.model.state_dict().items())
+    assert diffs_from_first < diffs_from_fresh
+
+
+def test_evaluate_reports_both_models():
+    ctx = make_context(RUN)
+    client_app.train(_train_message(_meme_state()), ctx)
+    msg = make_message(RecordDict({"arrays": to_record(_meme_state()),
+                                   "config": task_config(1, 8, 10)}), MessageType.EVALUATE)
+    metrics = client_app.evaluate_both(msg, ctx).content["metrics"]
+    assert set(metrics) == {"num-examples", "local-loss", "local-accuracy", "meme-loss",
+                            "meme-accuracy"}
+    assert 0 <= metrics["local-accuracy"] <= 1 and metrics["num-examples"] > 0
+
+
+def test_fedavg_and_local_send_what_they_train():
+    ctx = make_context({**RUN, "algorithm": "fedavg"})
+    reply = client_app.train(_train_message(_meme_state()), ctx)
+    assert "train-acc-local" not in reply.content["metrics"]
+    assert private.stored_model(ctx) is None
+    ctx = make_context({**RUN, "algorithm": "local"})
+    msg = make_message(RecordDict({"arrays": ArrayRecord(), "config": task_config(1, 8, 10)}))
+    reply = client_app.train(msg, ctx)
+    assert len(reply.content["arrays"]) == 0
+    assert "train-acc-meme" not in reply.content["metrics"]
+
+
+def test_meme_of_wrong_architecture_is_refused():
+    ctx = make_context(RUN)
+    torch.manual_seed(0)
+    wrong = build_model("cnn", SPEC).state_dict()
+    with pytest.raises(ValueError, match="keys differ"):
+        client_app.train(_train_message(wrong), ctx)
+
+
+def test_identify_reports_partition():
+    ctx = make_context(RUN, partition_id=2)
+    msg = make_message(RecordDict({"config": ConfigRecord()}), MessageType.QUERY)
+    assert client_app.identify(msg, ctx).content["metrics"]["client-key"] == 2

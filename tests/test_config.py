@@ -1,0 +1,61 @@
+"""The run-config schema: defaults in sync with pyproject, clear errors naming the key."""
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import SCHEMA, Algorithm, ConfigError, load_config
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def test_pyproject_lists_every_key_with_the_schema_default():
+    app_cfg = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert set(app_cfg) == {k.name for k in SCHEMA}
+    cfg = load_config(app_cfg).to_dict()
+    defaults = load_config({}).to_dict()
+    assert cfg == defaults
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("alpha", 1.5, "[0, 1]"),
+        ("dataset", "imagenet", "fashion-mnist"),
+        ("beta", -0.1, "[0, 1]"),
+        ("temperature", 0, "> 0"),
+        ("fraction-train", 0.0, "(0, 1]"),
+        ("num-server-rounds", 0, ">= 1"),
+        ("batch-size", 2.5, "integer"),
+        ("algorithm", "fedsgd", "fml, fedavg, fedprox, local"),
+        ("meme-model", "vgg", "cnn"),
+        ("local-models", "cnn,foo", "comma list"),
+        ("device", "tpu", "cuda:N"),
+        ("lr", True, "> 0"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config({key: value})
+    msg = str(err.value)
+    assert f"'{key}'" in msg and repr(value) in msg and allowed in msg
+
+
+def test_unknown_key_refused():
+    with pytest.raises(ConfigError, match="'lerning-rate'"):
+        load_config({"lerning-rate": 0.1})
+
+
+def test_cross_key_rules():
+    with pytest.raises(ConfigError, match="'data-path'"):
+        load_config({"dataset": "npz"})
+    with pytest.raises(ConfigError, match="'proximal-mu'"):
+        load_config({"algorithm": "fedprox", "proximal-mu": 0.0})
+
+
+def test_types_and_local_model_cycle():
+    cfg = load_config({"algorithm": "local", "lr": 1, "local-models": "cnn, mlp"})
+    assert cfg.algorithm is Algorithm.LOCAL and isinstance(cfg.lr, float)
+    assert [cfg.local_model_for(p) for p in range(3)] == ["cnn", "mlp", "cnn"]
+    assert cfg.local_model_for(None) == "cnn"
