@@ -1,0 +1,76 @@
+"""End to end: real ``flwr run`` simulations against a SuperLink of the test session's own."""
+
+import json
+
+import pytest
+import torch
+
+from server.results import METRIC_KEYS
+
+pytestmark = pytest.mark.e2e
+BASE = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "num-server-rounds": 2,
+        "batch-size": 32}
+
+
+def _run(simlink, tmp_path, name, **overrides):
+    out = simlink.run({**BASE, "output-dir": str(tmp_path), "run-name": name, **overrides})
+    return out, tmp_path / name
+
+
+def _metrics(run_dir):
+    assert (run_dir / "metrics.json").exists(), "run wrote no metrics.json"
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_fml_simulation_writes_documented_results(simlink, tmp_path):
+    out, run_dir = _run(simlink, tmp_path, "fml")
+    records = _metrics(run_dir)
+    assert [r["round"] for r in records] == [1, 2]
+    for r in records:
+        assert tuple(r) == METRIC_KEYS
+        assert all(r[k] is not None for k in METRIC_KEYS), r
+        assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
+        assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["central_meme_accuracy"] <= 1
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["dataset"] == "digits" and cfg["alpha"] == 0.5
+    state = torch.load(run_dir / "meme_final.pt", weights_only=True)
+    assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
+    assert "fedmutual summary: local accuracy best" in out
+
+
+def test_heterogeneous_private_models(simlink, tmp_path):
+    _, run_dir = _run(simlink, tmp_path, "hetero", **{"local-models": "mlp,cnn,cnn-cifar"})
+    records = _metrics(run_dir)
+    assert len(records) == 2 and all(r["local_accuracy"] is not None for r in records)
+
+
+def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):
+    runs = []
+    for name in ("rep-a", "rep-b"):
+        _, run_dir = _run(simlink, tmp_path, name, **{"fraction-train": 0.67, "seed": 5})
+        runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(run_dir)])
+    assert runs[0] == runs[1]
+    assert all(r["num_clients"] == 2 for r in runs[0])
+    a = torch.load(tmp_path / "rep-a" / "meme_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "rep-b" / "meme_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("algorithm", ["local", "fedprox"])
+def test_baselines_fill_only_their_keys(simlink, tmp_path, algorithm):
+    _, run_dir = _run(simlink, tmp_path, algorithm, algorithm=algorithm)
+    records = _metrics(run_dir)
+    for r in records:
+        if algorithm == "local":
+            assert r["meme_accuracy"] is None and r["central_meme_accuracy"] is None
+            assert r["local_accuracy"] is not None and r["bytes_up"] == 0
+        else:
+            assert r["local_accuracy"] is None and r["train_loss_local"] is None
+            assert r["meme_accuracy"] is not None and r["central_meme_accuracy"] is not None
+    assert (run_dir / "meme_final.pt").exists() == (algorithm != "local")
+
+
+def test_bad_config_fails_before_training(simlink, tmp_path):
+    out, run_dir = _run(simlink, tmp_path, "bad", alpha=1.5)
+    assert "run-config key 'alpha' = 1.5 is invalid" in out
+    assert not run_dir.exists()
