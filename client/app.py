@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from client import private
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
+from common.faults import apply_to_update
 from common.models import TaskSpec, build_model
 from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
 from common.records import load_into, to_record
@@ -52,11 +53,11 @@ def identify(msg: Message, context: Context) -> Message:
     """
     cfg = load_config(context.run_config)
     node = private.node_info(cfg, context)
-    metrics = {"client-key": node.client_key, "channels": 0, "size": 0, "num-classes": 0}
-    if cfg.dataset == "npz":
-        data = load_client_data(cfg, node.partition_id, node.num_partitions, node.data_path)
-        top = max(int(data.y_train.max()), int(data.y_test.max()) if len(data.y_test) else 0)
-        metrics.update(channels=data.spec.channels, size=data.spec.size, **{"num-classes": top + 1})
+    data = load_client_data(cfg, node.partition_id, node.num_partitions, node.data_path)
+    top = max(int(data.y_train.max()), int(data.y_test.max()) if len(data.y_test) else 0)
+    metrics = {"client-key": node.client_key, "channels": data.spec.channels,
+               "size": data.spec.size, "num-classes": top + 1,
+               "num-train": len(data.y_train), "num-test": len(data.y_test)}
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -70,11 +71,17 @@ def train(msg: Message, context: Context) -> Message:
     node = private.node_info(cfg, context)
     data = _client_data(cfg, node, spec)
     device = resolve_device(cfg.device)
+    faults = [f for f in cfg.fault_list if f.applies(node.partition_id, server_round)]
+    if any(f.kind == "raise" for f in faults):
+        raise RuntimeError(f"injected fault: client {node.partition_id} raises in round "
+                           f"{server_round} (run-config 'faults')")
 
     algo = cfg.algorithm
     meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
     opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh every round
-    priv = private.restore(context, cfg, node, spec, device) if algo.trains_local else None
+    lineage = str(config.get("lineage", ""))
+    priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
+            if algo.trains_local else None)
     hp = Hyper(alpha=cfg.alpha if algo.distills else 1.0,
                beta=cfg.beta if algo.distills else 1.0,
                temperature=cfg.temperature,
@@ -85,15 +92,21 @@ def train(msg: Message, context: Context) -> Message:
     stats = train_epochs(priv.model if priv else None, meme, priv.optimizer if priv else None,
                          opt_meme, data.x_train, data.y_train, hp, gen, device)
     if priv is not None:
-        priv.round = server_round
-        private.store(context, priv, server_round)
+        priv.node_round += 1
+        priv.server_round, priv.lineage = server_round, lineage
+        private.store(context, priv, node)
 
     metrics = {"num-examples": stats.num_examples}
     if priv is not None:
         metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
     if meme is not None:
         metrics.update({"train-loss-meme": stats.loss_meme, "train-acc-meme": stats.acc_meme})
-    arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
+    arrays = ArrayRecord()
+    if meme is not None:
+        state = meme.state_dict()
+        for fault in faults:  # nan / scale: a broken or poisoning client
+            state = apply_to_update(fault, state, msg.content["arrays"].to_torch_state_dict())
+        arrays = to_record(state)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)
 
@@ -102,13 +115,15 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate_both(msg: Message, context: Context) -> Message:
     """Both models on this client's own held-out split (personalised accuracy)."""
     cfg = load_config(context.run_config)
-    spec = _task_spec(msg.content["config"])
+    config = msg.content["config"]
+    spec = _task_spec(config)
     node = private.node_info(cfg, context)
     data = _client_data(cfg, node, spec)
     device = resolve_device(cfg.device)
     metrics: dict[str, float | int] = {"num-examples": len(data.y_test)}
     if cfg.algorithm.trains_local:
-        priv = private.restore(context, cfg, node, spec, device)
+        priv = private.restore(context, cfg, node, spec, device, str(config.get("lineage", "")),
+                               int(config["server-round"]))
         loss, acc = evaluate(priv.model, data.x_test, data.y_test, device)
         metrics.update({"local-loss": loss, "local-accuracy": acc})
     if cfg.algorithm.trains_meme:

@@ -1,13 +1,21 @@
-"""The private local model's life on a node: built once, kept in ``context.state``.
+"""The private local model's life on a node: in ``context.state``, and on disk if asked.
 
-``context.state`` persists per node across the rounds of one run (in simulation and in
-deployment). The private model and its optimizer state are stored there after every
-training round and never put in a reply.
+``context.state`` persists per node across the rounds of one run. With ``state-dir`` set
+(run config, or the node's own node config) the private model, its optimizer state and its
+round counters are also written after every training round, atomically, to
+``<state-dir>/private-<client key>.pt``; the previous version is kept beside it as
+``.prev.pt``. A restarted node, a new run of the same federation, or a resumed server run
+continues from there. A file that is corrupt or from another architecture is refused with
+an error naming it; only ``reset-private=true`` starts afresh.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
@@ -22,6 +30,11 @@ from common.runtime import derive_seed
 _MODEL, _OPTIM, _OPTIM_SCALARS, _META = (
     "private-model", "private-optimizer", "private-optimizer-scalars", "private-meta",
 )
+FILE_FORMAT = 1
+
+
+class PrivateStateError(RuntimeError):
+    """A saved private model cannot be used as it is (corrupt, another model, out of step)."""
 
 
 @dataclass(frozen=True)
@@ -32,17 +45,25 @@ class NodeInfo:
     num_partitions: int
     local_model: str
     data_path: str
+    state_dir: str
 
     @property
     def client_key(self) -> int:
-        """A run-independent identity used to order clients deterministically."""
+        """A run-independent identity: the partition id, else derived from the data path."""
         if self.partition_id is not None:
             return self.partition_id
         return derive_seed("data-path", self.data_path) % 2**53
 
+    @property
+    def state_file(self) -> Path | None:
+        """Where the private model is kept on disk; None without a ``state-dir``."""
+        if not self.state_dir:
+            return None
+        return Path(self.state_dir).expanduser().resolve() / f"private-{self.client_key}.pt"
+
 
 def node_info(cfg: Config, context: Context) -> NodeInfo:
-    """Read the node config; a node-config ``local-model`` overrides the run config."""
+    """Read the node config; its ``local-model``, ``data-path`` and ``state-dir`` win."""
     nc = context.node_config
     pid = nc.get("partition-id")
     pid = int(pid) if pid is not None else None
@@ -51,47 +72,161 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         raise ValueError(f"node-config key 'local-model' = {local_model!r} is invalid: "
                          f"expected one of {', '.join(MODEL_NAMES)}")
     return NodeInfo(pid, int(nc.get("num-partitions", 1)), local_model,
-                    str(nc.get("data-path", "")) or cfg.data_path)
+                    str(nc.get("data-path", "")) or cfg.data_path,
+                    str(nc.get("state-dir", "")) or cfg.state_dir)
 
 
 @dataclass
 class PrivateModel:
-    """The private model with its optimizer, and the last round it was trained in."""
+    """The private model with its optimizer and counters.
+
+    ``node_round`` counts this model's training rounds over its whole life (it goes on
+    across runs); ``server_round`` and ``lineage`` say which round of which run trained it.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     arch: str
-    round: int
+    node_round: int = 0
+    server_round: int = 0
+    lineage: str = ""
 
 
 def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
-            device: torch.device) -> PrivateModel:
-    """The private model from ``context.state``, or a fresh seeded one on first contact."""
+            device: torch.device, lineage: str = "", max_round: int | None = None,
+            ) -> PrivateModel:
+    """The private model: from ``context.state``, else from disk, else fresh and seeded.
+
+    ``max_round`` is the newest server round of run ``lineage`` whose training the caller
+    may see (round R's training sees R-1, its evaluation R): after a server resume, a node
+    that had already trained an interrupted round uses the version from before it.
+    """
     torch.manual_seed(derive_seed(cfg.seed, "private-init", node.client_key))
     model = build_model(node.local_model, spec).to(device)
-    optimizer = make_optimizer(model, cfg)
-    state = context.state
-    if _MODEL not in state:
-        return PrivateModel(model, optimizer, node.local_model, 0)
-    meta = state.config_records[_META]
-    if meta["arch"] != node.local_model:
-        raise ValueError(f"the private model in this node's state is a '{meta['arch']}', but "
-                         f"the node is configured for '{node.local_model}'")
-    load_into(model, state.array_records[_MODEL], what="private model in context.state")
-    optimizer_from_records(optimizer, state.array_records[_OPTIM],
-                           state.config_records[_OPTIM_SCALARS])
-    return PrivateModel(model, optimizer, node.local_model, int(meta["round"]))
+    priv = PrivateModel(model, make_optimizer(model, cfg), node.local_model)
+    if _MODEL in context.state:
+        meta = context.state.config_records[_META]
+        if meta["arch"] != node.local_model:
+            raise PrivateStateError(f"the private model in this node's state is a "
+                                    f"'{meta['arch']}', the node is configured for "
+                                    f"'{node.local_model}'")
+        load_into(model, context.state.array_records[_MODEL], what="private model in state")
+        optimizer_from_records(priv.optimizer, context.state.array_records[_OPTIM],
+                               context.state.config_records[_OPTIM_SCALARS])
+        priv.node_round, priv.server_round = int(meta["node-round"]), int(meta["server-round"])
+        priv.lineage = str(meta["lineage"])
+        return priv
+    path = node.state_file
+    if path is not None and not cfg.reset_private:
+        saved = _pick_saved(path, lineage, max_round)
+        if saved is not None:
+            _load_saved(priv, saved, path)
+    return priv
 
 
-def store(context: Context, private: PrivateModel, server_round: int) -> None:
-    """Keep the trained private model and its optimizer state for the next round."""
-    arrays, scalars = optimizer_to_records(private.optimizer)
-    context.state[_MODEL] = to_record(private.model.state_dict())
+def store(context: Context, priv: PrivateModel, node: NodeInfo) -> None:
+    """Keep the trained private model for the next round, and on disk if configured."""
+    arrays, scalars = optimizer_to_records(priv.optimizer)
+    context.state[_MODEL] = to_record(priv.model.state_dict())
     context.state[_OPTIM] = arrays
     context.state[_OPTIM_SCALARS] = scalars
-    context.state[_META] = ConfigRecord({"arch": private.arch, "round": server_round})
+    context.state[_META] = ConfigRecord({
+        "arch": priv.arch, "node-round": priv.node_round, "server-round": priv.server_round,
+        "lineage": priv.lineage})
+    if node.state_file is not None:
+        _write_atomic(node.state_file, {
+            "format": FILE_FORMAT, "arch": priv.arch, "node_round": priv.node_round,
+            "server_round": priv.server_round, "lineage": priv.lineage,
+            "model": {k: v.detach().cpu() for k, v in priv.model.state_dict().items()},
+            "optimizer": _cpu(priv.optimizer.state_dict())})
 
 
 def stored_model(context: Context) -> ArrayRecord | None:
-    """The stored private weights (for tests and audits), or None before the first round."""
+    """The private weights kept in the node state (tests and audits), or None."""
     return context.state.array_records.get(_MODEL)
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_cpu(v) for v in obj]
+    return obj
+
+
+def _prev(path: Path) -> Path:
+    return path.with_suffix(".prev.pt")
+
+
+def _write_atomic(path: Path, payload: dict) -> None:
+    """Temp file, fsync, then the current version becomes ``.prev.pt`` and the new one
+    takes its place; a crash in between leaves at least one complete version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.exists():
+            os.replace(path, _prev(path))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state_file(path: Path) -> dict:
+    """Load and check one state file (``weights_only=True``); errors name the file."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
+        raise PrivateStateError(f"private state file {path} is corrupt or truncated "
+                                f"({type(exc).__name__}: {exc}); fix or move it, or set "
+                                "reset-private=true to start a fresh private model") from None
+    need = {"format", "arch", "node_round", "server_round", "lineage", "model", "optimizer"}
+    if not isinstance(saved, dict) or not need <= set(saved):
+        raise PrivateStateError(f"private state file {path} is not a fedmutual state file "
+                                f"(expected keys {sorted(need)})")
+    if saved["format"] != FILE_FORMAT:
+        raise PrivateStateError(f"private state file {path} has format {saved['format']}, "
+                                f"this version reads {FILE_FORMAT}")
+    return saved
+
+
+def _pick_saved(path: Path, lineage: str, max_round: int | None) -> dict | None:
+    """The newest saved version that the caller may see (see :func:`restore`)."""
+    candidates = [p for p in (path, _prev(path)) if p.exists()]
+    for p in candidates:
+        saved = read_state_file(p)
+        ahead = (lineage and saved["lineage"] == lineage and max_round is not None
+                 and saved["server_round"] > max_round)
+        if not ahead:
+            return saved
+    if candidates:
+        raise PrivateStateError(
+            f"private state file {path} was trained in round {saved['server_round']} of run "
+            f"'{lineage}', later than round {max_round} that the server is now at, and no "
+            f"older version is kept; set reset-private=true to start afresh")
+    return None
+
+
+def _load_saved(priv: PrivateModel, saved: dict, path: Path) -> None:
+    if saved["arch"] != priv.arch:
+        raise PrivateStateError(f"private state file {path} holds a '{saved['arch']}' model, "
+                                f"this node is configured for '{priv.arch}'")
+    own = priv.model.state_dict()
+    for k, v in saved["model"].items():
+        if k in own and tuple(v.shape) != tuple(own[k].shape):
+            raise PrivateStateError(f"private state file {path}: '{k}' has shape "
+                                    f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
+    try:
+        priv.model.load_state_dict(saved["model"], strict=True)
+        priv.optimizer.load_state_dict(saved["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise PrivateStateError(f"private state file {path} does not fit the model: "
+                                f"{exc}") from None
+    priv.node_round, priv.server_round = int(saved["node_round"]), int(saved["server_round"])
+    priv.lineage = str(saved["lineage"])

@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from common.data import DATASET_NAMES
+from common.faults import Fault, parse_faults
 from common.models import MODEL_NAMES
 
 
@@ -21,7 +22,7 @@ class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type, or out of range."""
 
 
-class Algorithm(str, Enum):
+class Algorithm(StrEnum):
     """The training algorithms of the harness; the only place that maps names to behaviour."""
 
     FML = "fml"
@@ -45,14 +46,22 @@ class Algorithm(str, Enum):
         return self is Algorithm.FML
 
 
-class Aggregation(str, Enum):
+class Aggregation(StrEnum):
     """How the server weighs the clients' memes."""
 
     WEIGHTED = "weighted"  # by num-examples (FedAvg)
     UNIFORM = "uniform"  # equal weights (as in the FML paper)
+    MEDIAN = "median"  # coordinate-wise median (Flower's FedMedian)
+    TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg, cutting trimmed-mean-beta per side
+    KRUM = "krum"  # Flower's Krum, tolerating num-malicious clients
+
+    @property
+    def robust(self) -> bool:
+        """Whether Flower's robust aggregation strategy does the averaging."""
+        return self not in (Aggregation.WEIGHTED, Aggregation.UNIFORM)
 
 
-class Partitioner(str, Enum):
+class Partitioner(StrEnum):
     """How a built-in dataset is split across simulated clients."""
 
     IID = "iid"
@@ -79,6 +88,14 @@ def _device(v: str) -> bool:
     if v in ("auto", "cpu", "cuda"):
         return True
     return v.startswith("cuda:") and v[5:].isdigit()
+
+
+def _faults(v: str) -> bool:
+    try:
+        parse_faults(v)
+    except ValueError:
+        return False
+    return True
 
 
 def _model_list(v: str) -> bool:
@@ -113,6 +130,10 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("temperature", float, 1.0, _positive, "a number > 0"),
     _Key("proximal-mu", float, 0.01, _non_negative, "a number >= 0"),
     _Key("aggregation", Aggregation, Aggregation.WEIGHTED),
+    _Key("trimmed-mean-beta", float, 0.2, _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
+    _Key("num-malicious", int, 1, _non_negative, "an integer >= 0"),
+    _Key("max-client-weight", int, 0, _non_negative,
+         "an integer >= 0 (0: the largest train split reported by the clients)"),
     _Key("meme-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
     _Key("local-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
     _Key("local-models", str, "", _model_list, f"empty or a comma list of {_MODELS}"),
@@ -128,6 +149,11 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("test-fraction", float, 0.25, _in(0, 1, True, True), "a number in (0, 1)"),
     _Key("seed", int, 42, _non_negative, "an integer >= 0"),
     _Key("device", str, "auto", _device, "auto, cpu, cuda or cuda:N"),
+    _Key("state-dir", str, ""),
+    _Key("reset-private", bool, False),
+    _Key("resume-from", str, ""),
+    _Key("faults", str, "", _faults,
+         "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan or scale<FACTOR>"),
     _Key("output-dir", str, ""),
     _Key("run-name", str, "", lambda v: "/" not in v and v not in (".", ".."),
          "a folder name without '/'"),
@@ -155,6 +181,9 @@ class Config:
     temperature: float
     proximal_mu: float
     aggregation: Aggregation
+    trimmed_mean_beta: float
+    num_malicious: int
+    max_client_weight: int
     meme_model: str
     local_model: str
     local_models: str
@@ -167,6 +196,10 @@ class Config:
     test_fraction: float
     seed: int
     device: str
+    state_dir: str
+    reset_private: bool
+    resume_from: str
+    faults: str
     output_dir: str
     run_name: str
 
@@ -177,6 +210,11 @@ class Config:
             v = getattr(self, f.name)
             out[f.name.replace("_", "-")] = v.value if isinstance(v, Enum) else v
         return out
+
+    @property
+    def fault_list(self) -> tuple[Fault, ...]:
+        """The parsed ``faults`` key."""
+        return parse_faults(self.faults)
 
     def local_model_for(self, partition_id: int | None) -> str:
         """The private model's architecture: ``local-models`` cycled by partition id."""
@@ -204,7 +242,7 @@ def _coerce(key: _Key, value: Any) -> Any:
         except ValueError:
             raise fail() from None
     accepted = (int, float) if key.type is float else (key.type,)
-    if isinstance(value, bool) or not isinstance(value, accepted):
+    if isinstance(value, bool) != (key.type is bool) or not isinstance(value, accepted):
         raise fail()
     value = key.type(value)
     if key.check is not None and not key.check(value):
@@ -233,6 +271,9 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
             "run-config key 'proximal-mu' = 0 with algorithm 'fedprox' is just 'fedavg': "
             "expected a number > 0"
         )
+    if cfg.aggregation.robust and cfg.algorithm is Algorithm.LOCAL:
+        raise ConfigError(f"run-config key 'aggregation' = {cfg.aggregation.value!r} needs a "
+                          "meme, but algorithm 'local' aggregates nothing: expected 'weighted'")
     if cfg.dataset == "npz" and not cfg.data_path:
         raise ConfigError(
             "run-config key 'data-path' is empty but dataset 'npz' needs it: expected the "

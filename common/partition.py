@@ -57,8 +57,8 @@ def partition_indices(
             )
         part = PathologicalPartitioner(
             num_partitions=num_partitions, partition_by="label",
-            num_classes_per_partition=classes_per_client, class_assignment_mode="first-deterministic",
-            seed=seed,
+            num_classes_per_partition=classes_per_client,
+            class_assignment_mode="first-deterministic", seed=seed,
         )
     part.dataset = Dataset.from_dict({"idx": idx, "label": labels[idx]})
     return [

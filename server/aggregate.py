@@ -29,5 +29,5 @@ def weighted_average(states: Sequence[dict[str, np.ndarray]],
             acc += wi * state[key].astype(np.float64)
         if np.issubdtype(ref.dtype, np.integer):
             acc = np.rint(acc)
-        out[key] = acc.astype(ref.dtype)
+        out[key] = np.asarray(acc, dtype=np.float64).astype(ref.dtype)
     return out

@@ -1,60 +1,85 @@
-"""ServerApp: validate the config, build the meme, run the strategy, write the results."""
+"""ServerApp: validate the config, build (or resume) the meme, run the strategy, write results."""
 
 from __future__ import annotations
 
-from logging import INFO
+from collections import Counter
+from logging import INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from torch import nn
 
-from common.config import Config, load_config
+from common.config import Algorithm, Config, load_config
 from common.data import central_test_set, dataset_spec
 from common.models import TaskSpec, build_model
 from common.mutual import evaluate
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
-from server.results import RunLog, save_state_dict_atomic
+from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from server.results import RunLog, project_path, torch_save_atomic
 from server.strategy import MemeStrategyMixin, build_strategy
+from server.validate import template_of
 
 app = ServerApp()
 
 
 def _spec_from_clients(strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
-    """With ``npz`` data only the clients know the task shape: they report it when identified."""
+    """With ``npz`` data only the clients know the task shape: they report it when identified.
+
+    The most common image shape wins; clients with another shape are named in a warning and
+    their replies will be errors (the round goes on without them).
+    """
     strategy.identify(grid)
-    shapes = {(int(m["channels"]), int(m["size"])) for m in strategy.client_info.values()}
-    if len(shapes) != 1:
-        raise ValueError(f"clients report different image shapes {sorted(shapes)} (or none "
-                         "identified): every client's npz must have the same (C, H, W)")
-    (channels, size), = shapes
+    shapes = Counter((int(m["channels"]), int(m["size"])) for m in strategy.client_info.values())
+    if not shapes:
+        raise RuntimeError("no client could describe its data (every identify reply failed): "
+                           "see the client errors above")
+    (channels, size), _ = shapes.most_common(1)[0]
+    for m in strategy.client_info.values():
+        if (int(m["channels"]), int(m["size"])) != (channels, size):
+            log(WARNING, "client %s has %sx%spx images, the federation uses %sx%spx: it will "
+                "be left out", m["client-key"], m["channels"], m["size"], channels, size)
     classes = max(int(m["num-classes"]) for m in strategy.client_info.values())
     return TaskSpec(channels, size, classes)
 
 
-def make_central_evaluator(cfg: Config, spec: TaskSpec, run_log: RunLog):
-    """``evaluate_fn`` for Flower: the meme on the global test set; it also closes the round.
-
-    Flower calls it after each round's training and client evaluation, so it is the place
-    where the round's record is complete and ``metrics.json`` is written.
-    """
+def make_round_closer(cfg: Config, spec: TaskSpec, meme: nn.Module, run_log: RunLog,
+                      strategy: MemeStrategyMixin):
+    """Flower's ``evaluate_fn``, called after each round's training and client evaluation:
+    it evaluates the meme on the global test set, closes the round's record (metrics.json)
+    and writes the checkpoint."""
     test = central_test_set(cfg) if cfg.algorithm.trains_meme else None
     device = resolve_device(cfg.device)
     model = build_model(cfg.meme_model, spec).to(device) if test is not None else None
 
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         result = None
         if model is not None and len(arrays) > 0:
             load_into(model, arrays, what="aggregated meme")
             loss, acc = evaluate(model, test[0], test[1], device)
             run_log.set(central_meme_accuracy=acc)
             result = MetricRecord({"central-accuracy": acc, "central-loss": loss})
-        if server_round > 0:
+        if flower_round > 0:
             run_log.end_round()
+            if len(arrays) > 0:
+                load_into(meme, arrays, what="aggregated meme")
+            save_checkpoint(run_log.run_dir, flower_round + strategy.round_offset,
+                            meme.state_dict(), run_log.records, cfg,
+                            {"client_keys_seen": len(strategy.client_keys)})
         return result
 
     return evaluate_fn
+
+
+def _start(cfg: Config) -> tuple[RunLog, Checkpoint | None]:
+    if not cfg.resume_from:
+        return RunLog.create(cfg), None
+    run_dir = project_path(cfg.resume_from)
+    ckpt = load_checkpoint(run_dir, cfg)
+    log(INFO, "fedmutual: resuming %s after round %d", run_dir, ckpt.round)
+    return RunLog.resume(run_dir, cfg, ckpt.records), ckpt
 
 
 @app.main()
@@ -62,7 +87,7 @@ def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` of the configured algorithm and write the results."""
     cfg = load_config(context.run_config)
     seed_everything(cfg.seed)
-    run_log = RunLog.create(cfg)
+    run_log, ckpt = _start(cfg)
     log(INFO, "fedmutual: %s on %s, results in %s", cfg.algorithm.value, cfg.dataset,
         run_log.run_dir)
     strategy = build_strategy(cfg, run_log)
@@ -70,16 +95,24 @@ def main(grid: Grid, context: Context) -> None:
 
     torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
     meme = build_model(cfg.meme_model, spec)
+    if ckpt is not None:
+        load_into(meme, to_record(ckpt.meme), what=f"meme in {ckpt.path}")
+        restore_rng(ckpt)
+        strategy.round_offset = ckpt.round
     initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
-    task = ConfigRecord({"channels": spec.channels, "size": spec.size,
-                         "num-classes": spec.num_classes})
-    result = strategy.start(
-        grid=grid, initial_arrays=initial, num_rounds=cfg.num_server_rounds,
-        timeout=cfg.round_timeout, train_config=task, evaluate_config=ConfigRecord(dict(task)),
-        evaluate_fn=make_central_evaluator(cfg, spec, run_log),
-    )
-    if cfg.algorithm.trains_meme and len(result.arrays) > 0:
-        load_into(meme, result.arrays, what="final meme")
-        save_state_dict_atomic(run_log.run_dir / "meme_final.pt", meme.state_dict())
-    line = run_log.summary()
-    print(line, flush=True)
+    strategy.template = template_of(initial)
+    task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
+            "lineage": run_log.run_dir.name}
+    if cfg.algorithm is Algorithm.FEDPROX:
+        task["proximal-mu"] = cfg.proximal_mu
+    remaining = cfg.num_server_rounds - strategy.round_offset
+    if remaining > 0:
+        strategy.start(
+            grid=grid, initial_arrays=initial, num_rounds=remaining,
+            timeout=cfg.round_timeout, train_config=ConfigRecord(task),
+            evaluate_config=ConfigRecord(dict(task)),
+            evaluate_fn=make_round_closer(cfg, spec, meme, run_log, strategy),
+        )
+    if cfg.algorithm.trains_meme:
+        torch_save_atomic(run_log.run_dir / "meme_final.pt", meme.state_dict())
+    print(run_log.summary(), flush=True)

@@ -18,7 +18,8 @@ from common.config import Config
 
 METRIC_KEYS = (
     "round", "local_accuracy", "meme_accuracy", "central_meme_accuracy", "train_loss_local",
-    "train_loss_meme", "num_clients", "bytes_up", "bytes_down", "seconds",
+    "train_loss_meme", "num_clients", "rejected_updates", "failed_clients", "skipped",
+    "bytes_up", "bytes_down", "seconds",
 )
 
 
@@ -38,10 +39,15 @@ def project_dir() -> Path:
     return Path.cwd().resolve()
 
 
-def output_root(cfg: Config) -> Path:
-    """``output-dir`` as an absolute path; relative ones are taken from the project folder."""
-    p = Path(cfg.output_dir).expanduser() if cfg.output_dir else Path("outputs")
+def project_path(path: str) -> Path:
+    """A user path as an absolute path; relative ones are taken from the project folder."""
+    p = Path(path).expanduser()
     return p if p.is_absolute() else (project_dir() / p).resolve()
+
+
+def output_root(cfg: Config) -> Path:
+    """``output-dir`` (default ``outputs/``) as an absolute path."""
+    return project_path(cfg.output_dir or "outputs")
 
 
 def default_run_name(cfg: Config) -> str:
@@ -71,8 +77,8 @@ def write_json_atomic(path: Path, data: Any) -> None:
         raise
 
 
-def save_state_dict_atomic(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """torch.save of plain tensors (loads with ``weights_only=True``), atomically."""
+def torch_save_atomic(path: Path, state: dict[str, Any]) -> None:
+    """torch.save of tensors and plain values (loads with ``weights_only=True``), atomically."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -108,10 +114,25 @@ class RunLog:
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
         return cls(run_dir)
 
+    @classmethod
+    def resume(cls, run_dir: Path, cfg: Config, records: list[dict[str, Any]]) -> RunLog:
+        """Continue a run folder from a checkpoint's records (later ones are dropped)."""
+        log = cls(run_dir)
+        log.records = list(records)
+        write_json_atomic(run_dir / "config.json", cfg.to_dict())
+        write_json_atomic(run_dir / "metrics.json", log.records)
+        return log
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        """The last closed round's record."""
+        return self.records[-1] if self.records else None
+
     def begin_round(self, server_round: int) -> None:
         """Open the record of a round; every documented key starts as null."""
         self._current = {k: None for k in METRIC_KEYS}
-        self._current.update(round=server_round, bytes_up=0, bytes_down=0, num_clients=0)
+        self._current.update(round=server_round, bytes_up=0, bytes_down=0, num_clients=0,
+                             rejected_updates=0, failed_clients=0, skipped=False)
         self._t0 = time.perf_counter()
 
     def set(self, **values: Any) -> None:

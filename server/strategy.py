@@ -1,23 +1,34 @@
-"""The meme strategy: Flower's FedAvg / FedProx, made reproducible and meme-aware.
+"""The meme strategy: Flower's strategies, made reproducible, meme-aware and defensive.
 
-What it adds to Flower's strategy:
-- clients are identified once (a QUERY message) by a stable key, and both sampling and
-  aggregation order follow that key, so the same seed gives the same run although
-  Flower's node ids are random;
-- aggregation is sample-weighted or uniform, in float64, keeping each array's dtype;
-- ``local`` (no meme) aggregates nothing;
-- each round's bytes, client count and aggregated metrics go into the run log.
+What it adds to Flower's FedAvg / FedProx / FedMedian / FedTrimmedAvg / Krum:
+- clients are identified once (a QUERY message) by a stable key; sampling and aggregation
+  follow that key's order, so the same seed gives the same run although Flower's node ids
+  are random;
+- every reply passes :func:`server.validate.validate_update` before any aggregation mode sees
+  it; rejected and failed replies are counted, and a round with no valid reply keeps the meme;
+- ``weighted`` and ``uniform`` averaging run in float64 and keep each array's dtype; the
+  robust modes are Flower's own; ``local`` (no meme) aggregates nothing;
+- a round offset, so a resumed run continues the round numbers (and their seeds).
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from logging import WARNING
+from logging import INFO, WARNING
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
 from flwr.supercore import log
 
 from common.config import Aggregation, Algorithm, Config
@@ -25,6 +36,7 @@ from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import weighted_average
 from server.results import RunLog
+from server.validate import Template, validate_update
 
 _UNKNOWN_KEY = 2**62  # nodes that failed to identify sort last, by node id
 
@@ -49,6 +61,9 @@ class MemeStrategyMixin:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.run_log = run_log
+        self.template: Template = {}
+        self.round_offset = 0
+        self._sent_train = 0
         self.client_keys: dict[int, int] = {}
         self.client_info: dict[int, MetricRecord] = {}
 
@@ -60,7 +75,6 @@ class MemeStrategyMixin:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
-        answered = set()
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -69,9 +83,18 @@ class MemeStrategyMixin:
             metrics = reply.content["metrics"]
             self.client_keys[node] = int(metrics["client-key"])
             self.client_info[node] = metrics
-            answered.add(node)
         for node in new:
             self.client_keys.setdefault(node, _UNKNOWN_KEY + node % 2**61)
+
+    def max_weight(self) -> float | None:
+        """The cap on ``num-examples``: configured, else the largest train split reported
+        at identification (before any training); None where weights do not count."""
+        if self.cfg.aggregation is not Aggregation.WEIGHTED:
+            return None
+        if self.cfg.max_client_weight > 0:
+            return float(self.cfg.max_client_weight)
+        sizes = [int(m["num-train"]) for m in self.client_info.values()]
+        return float(max(sizes)) if sizes else None
 
     def _ordered(self, grid: Grid) -> _OrderedGrid:
         self.identify(grid)
@@ -89,51 +112,94 @@ class MemeStrategyMixin:
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling over clients ordered by key, with a per-round seed."""
-        self.run_log.begin_round(server_round)
+        rnd = server_round + self.round_offset
+        self.run_log.begin_round(rnd)
+        log(INFO, "fedmutual: round %d of %d", rnd, self.cfg.num_server_rounds)
         ordered = self._ordered(grid)
-        random.seed(derive_seed(self.cfg.seed, "sample-train", server_round))
-        msgs = list(super().configure_train(server_round, arrays, config, ordered))
+        random.seed(derive_seed(self.cfg.seed, "sample-train", rnd))
+        msgs = list(super().configure_train(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
+        self._sent_train = len(msgs)
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """As :meth:`configure_train`, for the evaluation messages."""
+        rnd = server_round + self.round_offset
         ordered = self._ordered(grid)
-        random.seed(derive_seed(self.cfg.seed, "sample-evaluate", server_round))
-        msgs = list(super().configure_evaluate(server_round, arrays, config, ordered))
+        random.seed(derive_seed(self.cfg.seed, "sample-evaluate", rnd))
+        msgs = list(super().configure_evaluate(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         return msgs
 
     # ------------------------------------------------------------------ aggregate
+    def _accept(self, replies: list[Message]) -> list[Message]:
+        """Validated replies; the others are logged with node and reason, and counted."""
+        failed = [m for m in replies if m.has_error()]
+        for m in failed:
+            log(WARNING, "node %d failed this round: %s", m.metadata.src_node_id, m.error.reason)
+        silent = max(self._sent_train - len(replies), 0)
+        if silent:
+            log(WARNING, "%d sampled client(s) did not answer within round-timeout", silent)
+        cap = self.max_weight()
+        accepted, rejected = [], 0
+        for m in (m for m in replies if not m.has_error()):
+            reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
+            if reason is None:
+                accepted.append(m)
+            else:
+                rejected += 1
+                log(WARNING, "rejected the update of node %d (client %s): %s",
+                    m.metadata.src_node_id, self.client_keys.get(m.metadata.src_node_id), reason)
+        self.run_log.set(rejected_updates=rejected, failed_clients=len(failed) + silent)
+        return accepted
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the memes (weighted or uniform) in client-key order; record the round."""
-        valid, _ = self._check_and_log_replies(self._sort_replies(replies), is_train=True)
-        if not valid:
+        """Validate, then aggregate the memes in client-key order; record the round."""
+        accepted = self._accept(self._sort_replies(replies))
+        if not accepted:
+            log(WARNING, "no valid update this round: the meme stays as it was")
+            self.run_log.set(skipped=True)
             return None, None
-        contents = [m.content for m in valid]
+        contents = [m.content for m in accepted]
         memes = [next(iter(c.array_records.values())) for c in contents]
         self.run_log.add("bytes_up", sum(record_bytes(r) for r in memes))
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        self.run_log.set(num_clients=len(valid),
-                         train_loss_local=metrics.get("train-loss-local"),
-                         train_loss_meme=metrics.get("train-loss-meme"))
+        self.run_log.set(num_clients=len(accepted))
         if not self.cfg.algorithm.trains_meme:
-            return None, metrics
-        if self.cfg.aggregation is Aggregation.UNIFORM:
-            weights = [1.0] * len(contents)
+            arrays, metrics = None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        elif self.cfg.aggregation.robust:  # Flower's FedMedian / FedTrimmedAvg / Krum
+            arrays, metrics = super().aggregate_train(server_round, accepted)
+            arrays = self._restore_dtypes(arrays)
         else:
-            weights = [float(c.metric_records["metrics"][self.weighted_by_key])
-                       for c in contents]
-        states = [{k: a.numpy() for k, a in r.items()} for r in memes]
-        avg = weighted_average(states, weights)
-        return ArrayRecord({k: Array(v) for k, v in avg.items()}), metrics
+            weights = ([1.0] * len(contents) if self.cfg.aggregation is Aggregation.UNIFORM
+                       else [float(c.metric_records["metrics"][self.weighted_by_key])
+                             for c in contents])
+            avg = weighted_average([{k: a.numpy() for k, a in r.items()} for r in memes],
+                                   weights)
+            arrays = ArrayRecord({k: Array(v) for k, v in avg.items()})
+            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        if metrics is not None:
+            self.run_log.set(train_loss_local=metrics.get("train-loss-local"),
+                             train_loss_meme=metrics.get("train-loss-meme"))
+        return arrays, metrics
+
+    def _restore_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
+        """Robust aggregators return float arrays; cast back to the meme's own dtypes."""
+        if arrays is None:
+            return None
+        out = {}
+        for k, a in arrays.items():
+            value, dtype = a.numpy(), self.template[k][1]
+            out[k] = Array(np.asarray(np.rint(value)).astype(dtype) if dtype.kind in "iu"
+                           else value.astype(dtype))
+        return ArrayRecord(out)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
         """Sample-weighted client accuracies, recorded as local/meme accuracy."""
-        metrics = super().aggregate_evaluate(server_round, self._sort_replies(replies))
+        metrics = super().aggregate_evaluate(server_round + self.round_offset,
+                                             self._sort_replies(replies))
         if metrics is not None:
             self.run_log.set(local_accuracy=metrics.get("local-accuracy"),
                              meme_accuracy=metrics.get("meme-accuracy"))
@@ -141,21 +207,43 @@ class MemeStrategyMixin:
 
 
 class MemeFedAvg(MemeStrategyMixin, FedAvg):
-    """FML, FedAvg and local-only: Flower's FedAvg carrying the meme."""
+    """FML, FedAvg and local-only with weighted or uniform averaging."""
 
 
 class MemeFedProx(MemeStrategyMixin, FedProx):
     """FedProx: Flower's FedProx puts ``proximal-mu`` in every train config."""
 
 
+class MemeFedMedian(MemeStrategyMixin, FedMedian):
+    """Coordinate-wise median of the memes."""
+
+
+class MemeFedTrimmedAvg(MemeStrategyMixin, FedTrimmedAvg):
+    """Trimmed mean of the memes."""
+
+
+class MemeKrum(MemeStrategyMixin, Krum):
+    """Krum: the meme closest to its neighbours."""
+
+
 def build_strategy(cfg: Config, run_log: RunLog) -> MemeStrategyMixin:
-    """The strategy for ``cfg.algorithm`` (the one place algorithms map to strategies)."""
+    """The strategy for (algorithm, aggregation): the one place they map to classes.
+
+    FedProx's proximal term is client-side; with a robust aggregation its ``proximal-mu``
+    travels in the train config that the server app builds.
+    """
     common = dict(
         cfg=cfg, run_log=run_log,
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_clients, min_evaluate_nodes=cfg.min_clients,
         min_available_nodes=cfg.min_clients,
     )
+    if cfg.aggregation is Aggregation.MEDIAN:
+        return MemeFedMedian(**common)
+    if cfg.aggregation is Aggregation.TRIMMED_MEAN:
+        return MemeFedTrimmedAvg(beta=cfg.trimmed_mean_beta, **common)
+    if cfg.aggregation is Aggregation.KRUM:
+        return MemeKrum(num_malicious_nodes=cfg.num_malicious, **common)
     if cfg.algorithm is Algorithm.FEDPROX:
         return MemeFedProx(proximal_mu=cfg.proximal_mu, **common)
     return MemeFedAvg(**common)

@@ -12,7 +12,7 @@ def test_weighted_average_hand_computed():
     out = weighted_average([a, b], [1, 2])  # (1*a + 2*b) / 3
     np.testing.assert_allclose(out["w"], [3.0, 6.0])
     assert out["w"].dtype == np.float32
-    assert out["n"].dtype == np.int64 and int(out["n"]) == 5
+    assert isinstance(out["n"], np.ndarray) and out["n"].dtype == np.int64 and int(out["n"]) == 5
 
 
 def test_uniform_weights_are_plain_mean():

@@ -60,7 +60,7 @@ def test_second_round_starts_from_stored_private_model():
     # momentum buffers were kept too
     assert restored.optimizer.state_dict()["state"]
     client_app.train(_train_message(_meme_state(), server_round=2), ctx)
-    assert int(ctx.state.config_records["private-meta"]["round"]) == 2
+    assert int(ctx.state.config_records["private-meta"]["node-round"]) == 2
     fresh = private.restore(make_context(RUN), client_app.load_config(RUN), private.node_info(
         client_app.load_config(RUN), ctx), SPEC, torch.device("cpu"))
     second = private.stored_model(ctx)

@@ -1,0 +1,53 @@
+"""Injected faults for robustness experiments: a simulated client that raises, sends NaN,
+or sends a scaled (poisoned) update. Set with the run-config key ``faults``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Fault:
+    """An injected fault for robustness experiments: what a simulated client does wrong."""
+
+    kind: str  # "raise", "nan" or "scale"
+    partition_id: int
+    round: int | None = None  # None: every round
+    factor: float = 1.0  # for "scale": meme = global + factor * (meme - global)
+
+    def applies(self, partition_id: int | None, server_round: int) -> bool:
+        """Whether this fault hits that client in that round."""
+        return partition_id == self.partition_id and self.round in (None, server_round)
+
+
+def parse_faults(spec: str) -> tuple[Fault, ...]:
+    """``"raise:1@2, nan:2, scale100:3"`` -> faults; ValueError on anything else."""
+    faults = []
+    for item in filter(None, (i.strip() for i in spec.split(","))):
+        kind, _, target = item.partition(":")
+        pid, _, rnd = target.partition("@")
+        factor = 1.0
+        if kind.startswith("scale") and kind != "scale":
+            factor, kind = float(kind[5:]), "scale"
+        if kind not in ("raise", "nan", "scale") or not pid.isdigit() or (rnd and not
+                                                                           rnd.isdigit()):
+            raise ValueError(item)
+        faults.append(Fault(kind, int(pid), int(rnd) if rnd else None, factor))
+    return tuple(faults)
+
+
+def apply_to_update(fault: Fault, trained: dict[str, torch.Tensor],
+                    received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The meme a faulty client sends instead of ``trained`` (``received`` is the global)."""
+    out = {}
+    for k, v in trained.items():
+        if not v.is_floating_point():
+            out[k] = v
+        elif fault.kind == "nan":
+            out[k] = torch.full_like(v, float("nan"))
+        else:  # scale
+            out[k] = received[k] + fault.factor * (v - received[k])
+    return out

@@ -1,0 +1,94 @@
+"""End to end robustness: faulty clients, poisoning, bad client data, server resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+BASE = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "batch-size": 32}
+
+
+def _run(simlink, out_dir, name, supernodes=3, result_dir=None, **overrides):
+    log = simlink.run({**BASE, "output-dir": str(out_dir), "run-name": name, **overrides},
+                      supernodes=supernodes)
+    path = (result_dir or out_dir / name) / "metrics.json"
+    assert path.exists(), log[-3000:]
+    return json.loads(path.read_text()), log
+
+
+def test_raising_and_nan_clients_do_not_stop_the_run(simlink, tmp_path):
+    records, log = _run(simlink, tmp_path, "faulty", supernodes=4, **{
+        "num-server-rounds": 3, "faults": "raise:1@2,nan:2", "algorithm": "fml"})
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["rejected_updates"] for r in records] == [1, 1, 1]  # the NaN client
+    assert [r["failed_clients"] for r in records] == [0, 1, 0]  # the raising client
+    assert [r["num_clients"] for r in records] == [3, 2, 3]
+    assert all(r["central_meme_accuracy"] is not None for r in records)
+    meme = torch.load(tmp_path / "faulty" / "meme_final.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in meme.values() if v.is_floating_point())
+    assert "injected fault: client 1 raises in round 2" in log
+    assert "non-finite values" in log
+
+
+def test_bad_client_data_answers_with_an_error_and_the_round_goes_on(simlink, tmp_path):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    for pid in (0, 1):
+        np.savez(data / f"c{pid}.npz", x=rng.normal(size=(60, 8, 8)).astype(np.float32),
+                 y=rng.integers(0, 4, 60))
+    np.savez(data / "c2.npz", x=rng.normal(size=(60, 10, 10)).astype(np.float32),
+             y=rng.integers(0, 4, 60))  # wrong image shape
+    np.savez(data / "c3.npz", x=np.zeros((0, 8, 8), np.float32), y=np.zeros(0, np.int64))
+    records, log = _run(simlink, tmp_path, "npz", supernodes=4, **{
+        "dataset": "npz", "data-path": str(data / "c{partition-id}.npz"),
+        "num-server-rounds": 2})
+    assert [r["num_clients"] for r in records] == [2, 2]
+    assert [r["failed_clients"] for r in records] == [2, 2]
+    assert "the federation's are 1x8px" in log
+    assert "is empty" in log
+
+
+def test_poisoning_median_and_krum_hold_weighted_breaks(simlink, tmp_path):
+    common = {"num-server-rounds": 3, "algorithm": "fedavg", "partitioner": "iid",
+              "lr": 0.05}
+    acc = {}
+    for name, extra in {
+        "clean": {},
+        "weighted": {"faults": "scale100:0"},
+        "median": {"faults": "scale100:0", "aggregation": "median"},
+        "krum": {"faults": "scale100:0", "aggregation": "krum"},
+    }.items():
+        records, _ = _run(simlink, tmp_path, name, supernodes=5, **common, **extra)
+        acc[name] = records[-1]["central_meme_accuracy"]
+    print("poisoning, central accuracy after 3 rounds:", acc)
+    assert acc["clean"] > 0.8
+    assert abs(acc["median"] - acc["clean"]) <= 0.02
+    assert abs(acc["krum"] - acc["clean"]) <= 0.02
+    assert acc["weighted"] < acc["clean"] - 0.2
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fml"])
+def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm):
+    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67}
+    full, _ = _run(simlink, tmp_path, "full", **cfg, **{
+        "num-server-rounds": 4, "state-dir": str(tmp_path / "state-full")})
+    part, _ = _run(simlink, tmp_path, "part", **cfg, **{
+        "num-server-rounds": 2, "state-dir": str(tmp_path / "state-part")})
+    assert len(part) == 2
+    resumed, log = _run(simlink, tmp_path, "resumed", result_dir=tmp_path / "part", **cfg, **{
+        "num-server-rounds": 4, "state-dir": str(tmp_path / "state-part"),
+        "resume-from": str(tmp_path / "part")})
+    assert "resuming" in log and not (tmp_path / "resumed").exists()
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+    assert strip(resumed) == strip(full)
+    a = torch.load(tmp_path / "full" / "meme_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "part" / "meme_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
