@@ -54,6 +54,7 @@ class Aggregation(StrEnum):
     MEDIAN = "median"  # coordinate-wise median (Flower's FedMedian)
     TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg, cutting trimmed-mean-beta per side
     KRUM = "krum"  # Flower's Krum, tolerating num-malicious clients
+    MULTI_KRUM = "multi-krum"  # Flower's MultiKrum: the n - num-malicious best, averaged
 
     @property
     def robust(self) -> bool:
@@ -274,11 +275,6 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     if cfg.aggregation.robust and cfg.algorithm is Algorithm.LOCAL:
         raise ConfigError(f"run-config key 'aggregation' = {cfg.aggregation.value!r} needs a "
                           "meme, but algorithm 'local' aggregates nothing: expected 'weighted'")
-    if cfg.dataset == "npz" and not cfg.data_path:
-        raise ConfigError(
-            "run-config key 'data-path' is empty but dataset 'npz' needs it: expected the "
-            "path of an .npz file with arrays x and y ('{partition-id}' is replaced per client)"
-        )
     return cfg
 
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -262,15 +264,44 @@ def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
 
+CACHE_DIR = Path(os.environ.get("FEDMUTUAL_CACHE", Path.home() / ".cache" / "fedmutual"))
+
+
 @functools.lru_cache(maxsize=8)
 def _partitions(name: str, data_dir: str, num_partitions: int, partitioner: str, seed: int,
                 dirichlet_alpha: float, classes_per_client: int) -> list[np.ndarray]:
+    """Partition indices, computed once and kept on disk.
+
+    A deployed SuperNode runs every message in a fresh process: without the disk cache each
+    one would import flwr-datasets and re-partition (about 4 s for Fashion-MNIST here).
+    The key covers the labels themselves and the flwr-datasets version.
+    """
+    from importlib.metadata import version
+
     from common.config import Partitioner
     from common.partition import partition_indices
 
     ds = load_dataset(name, data_dir)
-    return partition_indices(ds.y_train, num_partitions, Partitioner(partitioner), seed,
-                             dirichlet_alpha, classes_per_client)
+    key = hashlib.sha256(repr((name, num_partitions, partitioner, seed, dirichlet_alpha,
+                               classes_per_client, version("flwr-datasets"))).encode()
+                         + ds.y_train.tobytes()).hexdigest()[:32]
+    path = CACHE_DIR / "partitions" / f"{key}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return [z[f"p{i}"] for i in range(num_partitions)]
+    except (OSError, KeyError, ValueError):
+        pass
+    parts = partition_indices(ds.y_train, num_partitions, Partitioner(partitioner), seed,
+                              dirichlet_alpha, classes_per_client)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{f"p{i}": p for i, p in enumerate(parts)})
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs speed
+        pass
+    return parts
 
 
 def client_partition_indices(cfg: Config, num_partitions: int) -> list[np.ndarray]:
@@ -286,6 +317,9 @@ def _client_data_cached(cfg: Config, partition_id: int | None, num_partitions: i
 
     split_seed = cfg.seed * 100_003 + (partition_id or 0)
     if cfg.dataset == "npz":
+        if not data_path:
+            raise DataError("dataset 'npz' but no data file: set 'data-path' in the run config "
+                            "or in this node's --node-config")
         ds = load_npz(resolve_data_path(data_path, partition_id))
         if ds.x_test is not None:
             x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -19,7 +19,7 @@ from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
 from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from server.results import RunLog, project_path, torch_save_atomic
-from server.strategy import MemeStrategyMixin, build_strategy
+from server.strategy import MemeStrategyMixin, TooFewClients, build_strategy
 from server.validate import template_of
 
 app = ServerApp()
@@ -106,13 +106,21 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.algorithm is Algorithm.FEDPROX:
         task["proximal-mu"] = cfg.proximal_mu
     remaining = cfg.num_server_rounds - strategy.round_offset
-    if remaining > 0:
-        strategy.start(
-            grid=grid, initial_arrays=initial, num_rounds=remaining,
-            timeout=cfg.round_timeout, train_config=ConfigRecord(task),
-            evaluate_config=ConfigRecord(dict(task)),
-            evaluate_fn=make_round_closer(cfg, spec, meme, run_log, strategy),
-        )
+    try:
+        if remaining > 0:
+            strategy.start(
+                grid=grid, initial_arrays=initial, num_rounds=remaining,
+                timeout=cfg.round_timeout, train_config=ConfigRecord(task),
+                evaluate_config=ConfigRecord(dict(task)),
+                evaluate_fn=make_round_closer(cfg, spec, meme, run_log, strategy),
+            )
+    except TooFewClients as exc:
+        done = len(run_log.records)
+        msg = (f"fedmutual: stopping: {exc}. Rounds 1-{done} are kept in {run_log.run_dir} "
+               f"(checkpoint.pt); continue with resume-from=\"{run_log.run_dir}\"")
+        log(ERROR, msg)
+        print(run_log.summary(), flush=True)
+        raise TooFewClients(msg) from None
     if cfg.algorithm.trains_meme:
         torch_save_atomic(run_log.run_dir / "meme_final.pt", meme.state_dict())
     print(run_log.summary(), flush=True)

@@ -14,6 +14,7 @@ What it adds to Flower's FedAvg / FedProx / FedMedian / FedTrimmedAvg / Krum:
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterable
 from logging import INFO, WARNING
 
@@ -28,7 +29,14 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedMedian, FedProx, FedTrimmedAvg, Krum
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Krum,
+    MultiKrum,
+)
 from flwr.supercore import log
 
 from common.config import Aggregation, Algorithm, Config
@@ -39,6 +47,10 @@ from server.results import RunLog
 from server.validate import Template, validate_update
 
 _UNKNOWN_KEY = 2**62  # nodes that failed to identify sort last, by node id
+
+
+class TooFewClients(RuntimeError):
+    """Fewer than ``min-clients`` connected or answered within ``round-timeout``."""
 
 
 class _OrderedGrid:
@@ -96,7 +108,25 @@ class MemeStrategyMixin:
         sizes = [int(m["num-train"]) for m in self.client_info.values()]
         return float(max(sizes)) if sizes else None
 
+    def _wait_for_clients(self, grid: Grid) -> None:
+        """Wait up to ``round-timeout`` for ``min-clients`` connected nodes (Flower's own
+        sampler would wait forever)."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        last_log = 0.0
+        while (n := len(list(grid.get_node_ids()))) < self.cfg.min_clients:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TooFewClients(
+                    f"only {n} client(s) connected after waiting round-timeout="
+                    f"{self.cfg.round_timeout:g} s, fewer than min-clients={self.cfg.min_clients}")
+            if now - last_log >= 10:
+                log(INFO, "waiting for clients: %d connected, min-clients=%d", n,
+                    self.cfg.min_clients)
+                last_log = now
+            time.sleep(1)
+
     def _ordered(self, grid: Grid) -> _OrderedGrid:
+        self._wait_for_clients(grid)
         self.identify(grid)
         ids = [n for n in grid.get_node_ids() if n in self.client_keys]
         return _OrderedGrid(grid, sorted(ids, key=lambda n: (self.client_keys[n], n)))
@@ -141,6 +171,10 @@ class MemeStrategyMixin:
         silent = max(self._sent_train - len(replies), 0)
         if silent:
             log(WARNING, "%d sampled client(s) did not answer within round-timeout", silent)
+        answered = len(replies) - len(failed)
+        if answered < self.cfg.min_clients:
+            raise TooFewClients(f"only {answered} client(s) answered this round, fewer than "
+                                f"min-clients={self.cfg.min_clients}")
         cap = self.max_weight()
         accepted, rejected = [], 0
         for m in (m for m in replies if not m.has_error()):
@@ -168,7 +202,8 @@ class MemeStrategyMixin:
         self.run_log.set(num_clients=len(accepted))
         if not self.cfg.algorithm.trains_meme:
             arrays, metrics = None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        elif self.cfg.aggregation.robust:  # Flower's FedMedian / FedTrimmedAvg / Krum
+        elif self.cfg.aggregation.robust:  # Flower's FedMedian / FedTrimmedAvg / (Multi)Krum
+            self._prepare_robust(len(accepted))
             arrays, metrics = super().aggregate_train(server_round, accepted)
             arrays = self._restore_dtypes(arrays)
         else:
@@ -183,6 +218,9 @@ class MemeStrategyMixin:
             self.run_log.set(train_loss_local=metrics.get("train-loss-local"),
                              train_loss_meme=metrics.get("train-loss-meme"))
         return arrays, metrics
+
+    def _prepare_robust(self, n_accepted: int) -> None:
+        """Hook before a robust aggregation sees ``n_accepted`` replies."""
 
     def _restore_dtypes(self, arrays: ArrayRecord | None) -> ArrayRecord | None:
         """Robust aggregators return float arrays; cast back to the meme's own dtypes."""
@@ -223,7 +261,14 @@ class MemeFedTrimmedAvg(MemeStrategyMixin, FedTrimmedAvg):
 
 
 class MemeKrum(MemeStrategyMixin, Krum):
-    """Krum: the meme closest to its neighbours."""
+    """Krum: the one meme closest to its neighbours."""
+
+
+class MemeMultiKrum(MemeStrategyMixin, MultiKrum):
+    """Multi-Krum: the n - f memes Krum scores best, averaged."""
+
+    def _prepare_robust(self, n_accepted: int) -> None:
+        self.num_nodes_to_select = max(1, n_accepted - self.num_malicious_nodes)
 
 
 def build_strategy(cfg: Config, run_log: RunLog) -> MemeStrategyMixin:
@@ -244,6 +289,8 @@ def build_strategy(cfg: Config, run_log: RunLog) -> MemeStrategyMixin:
         return MemeFedTrimmedAvg(beta=cfg.trimmed_mean_beta, **common)
     if cfg.aggregation is Aggregation.KRUM:
         return MemeKrum(num_malicious_nodes=cfg.num_malicious, **common)
+    if cfg.aggregation is Aggregation.MULTI_KRUM:
+        return MemeMultiKrum(num_malicious_nodes=cfg.num_malicious, **common)
     if cfg.algorithm is Algorithm.FEDPROX:
         return MemeFedProx(proximal_mu=cfg.proximal_mu, **common)
     return MemeFedAvg(**common)

@@ -48,8 +48,6 @@ def test_unknown_key_refused():
 
 
 def test_cross_key_rules():
-    with pytest.raises(ConfigError, match="'data-path'"):
-        load_config({"dataset": "npz"})
     with pytest.raises(ConfigError, match="'proximal-mu'"):
         load_config({"algorithm": "fedprox", "proximal-mu": 0.0})
 

@@ -53,7 +53,7 @@ def test_bad_client_data_answers_with_an_error_and_the_round_goes_on(simlink, tm
 
 
 def test_poisoning_median_and_krum_hold_weighted_breaks(simlink, tmp_path):
-    common = {"num-server-rounds": 3, "algorithm": "fedavg", "partitioner": "iid",
+    common = {"num-server-rounds": 10, "algorithm": "fedavg", "partitioner": "iid",
               "lr": 0.05}
     acc = {}
     for name, extra in {
@@ -61,13 +61,16 @@ def test_poisoning_median_and_krum_hold_weighted_breaks(simlink, tmp_path):
         "weighted": {"faults": "scale100:0"},
         "median": {"faults": "scale100:0", "aggregation": "median"},
         "krum": {"faults": "scale100:0", "aggregation": "krum"},
+        "multi-krum": {"faults": "scale100:0", "aggregation": "multi-krum"},
     }.items():
         records, _ = _run(simlink, tmp_path, name, supernodes=5, **common, **extra)
         acc[name] = records[-1]["central_meme_accuracy"]
-    print("poisoning, central accuracy after 3 rounds:", acc)
-    assert acc["clean"] > 0.8
+    print("poisoning, central accuracy after 10 rounds:", acc)
+    assert acc["clean"] > 0.9
     assert abs(acc["median"] - acc["clean"]) <= 0.02
-    assert abs(acc["krum"] - acc["clean"]) <= 0.02
+    assert abs(acc["multi-krum"] - acc["clean"]) <= 0.02
+    # Krum keeps one client's meme (a fifth of the data): safe, but it trails the average
+    assert abs(acc["krum"] - acc["clean"]) <= 0.05
     assert acc["weighted"] < acc["clean"] - 0.2
 
 

@@ -15,7 +15,7 @@ from common.config import ConfigError, load_config
 from common.models import TaskSpec
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from server.results import RunLog
-from server.strategy import build_strategy
+from server.strategy import TooFewClients, build_strategy
 from server.validate import template_of, validate_update
 from tests.conftest import make_context
 
@@ -82,11 +82,17 @@ def test_each_rejection_reason_and_exact_average_of_the_rest(tmp_path, case, cap
 
 
 def test_no_valid_reply_keeps_the_meme_and_marks_the_round(tmp_path):
-    strat, log = _strategy(tmp_path)
+    strat, log = _strategy(tmp_path, **{"min-clients": 1})
     agg, metrics = strat.aggregate_train(1, [_reply(1, BAD["NaN"][0])])
     assert agg is None and metrics is None
     log.end_round()
     assert log.records[-1]["skipped"] is True and log.records[-1]["rejected_updates"] == 1
+
+
+def test_fewer_answers_than_min_clients_stops(tmp_path):
+    strat, _ = _strategy(tmp_path, **{"min-clients": 3})
+    with pytest.raises(TooFewClients, match="only 2 client"):
+        strat.aggregate_train(1, [_reply(1, _good(1.0)), _reply(2, _good(2.0))])
 
 
 def test_uniform_ignores_weights(tmp_path):
@@ -105,6 +111,9 @@ def test_median_and_krum_resist_an_outlier(tmp_path):
     strat, _ = _strategy(tmp_path / "k", aggregation="krum", **{"num-malicious": 1})
     agg, _ = strat.aggregate_train(1, replies())
     assert float(agg["w"].numpy()[0, 0]) in (2.0, 3.0)  # a central client, never the outlier
+    strat, _ = _strategy(tmp_path / "mk", aggregation="multi-krum", **{"num-malicious": 1})
+    agg, _ = strat.aggregate_train(1, replies())
+    np.testing.assert_allclose(agg["w"].numpy(), np.full((2, 3), 2.5))  # mean of 1..4
     strat, _ = _strategy(tmp_path / "t", aggregation="trimmed-mean",
                          **{"trimmed-mean-beta": 0.2})
     agg, _ = strat.aggregate_train(1, replies())
