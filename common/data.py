@@ -157,7 +157,7 @@ def _load_digits() -> dict[str, np.ndarray]:
             "x_test": x[test], "y_test": d.target[test]}
 
 
-def _load_synthetic(n_train: int = 2400, n_test: int = 600, classes: int = 10,
+def _load_synthetic(n_train: int = 20000, n_test: int = 2000, classes: int = 10,
                     size: int = 8) -> dict[str, np.ndarray]:
     """Fixed (seed-independent) Gaussian class prototypes plus noise: learnable, tiny."""
     rng = np.random.default_rng(20240101)

@@ -1,0 +1,151 @@
+"""A simulation SuperLink of our own on a free loopback port, and ``flwr run`` against it.
+
+The grid runner, the benchmarks and the end-to-end tests use it, so they never depend on
+(or disturb) the user's default local SuperLink, whose working directory and settings are
+whatever they were when it first started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """Environment for flwr commands: own FLWR_HOME, no telemetry, no runtime installs."""
+    env = dict(os.environ)
+    env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", PYTHONUNBUFFERED="1",
+               RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def toml_value(v: Any) -> str:
+    """A Python value as a TOML value for ``--run-config`` (strings quoted)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+class SimLink:
+    """``flower-superlink --simulation`` on a free port, with its own FLWR_HOME."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.port = free_port()
+        self.env = flwr_env(home)
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
+            f'address = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        self._log = open(home / "superlink.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--host", "127.0.0.1",
+             "--port", str(self.port), "--disable-runtime-dependency-installation"],
+            cwd=home, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"superlink exited: {(home / 'superlink.log').read_text()}")
+            time.sleep(0.5)
+        raise RuntimeError("superlink did not open its port in 60 s")
+
+    def command(self, run_config: dict[str, Any], supernodes: int, cpus_per_client: float = 1,
+                gpus_per_client: float = 0) -> list[str]:
+        """The ``flwr run . sim --stream`` command line for these overrides."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        federation = (f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}"
+                      f" client-resources-num-gpus={gpus_per_client}")
+        return [str(BIN / "flwr"), "run", str(ROOT), "sim", "--stream",
+                "--federation-config", federation, "--run-config", overrides]
+
+    def run(self, run_config: dict[str, Any], supernodes: int = 3, timeout: float = 900,
+            **resources: float) -> str:
+        """Run to the end; returns everything it printed."""
+        out = subprocess.run(self.command(run_config, supernodes, **resources), env=self.env,
+                             capture_output=True, text=True, timeout=timeout, cwd=self.home)
+        return out.stdout + out.stderr
+
+    def stop(self) -> None:
+        """End the SuperLink (and with it any simulation it runs)."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log.close()
+
+    def __enter__(self) -> SimLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def tree_rss(root_pid: int) -> int:
+    """Resident memory (bytes) of a process and all its descendants, read from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        pid = int(entry.name)
+        children.setdefault(int(fields.get("PPid", "0").strip() or 0), []).append(pid)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakRSS:
+    """Samples :func:`tree_rss` in a thread; ``peak`` is the largest sample in bytes."""
+
+    def __init__(self, root_pid: int, interval: float = 0.5) -> None:
+        import threading
+
+        self.root_pid, self.interval, self.peak = root_pid, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss(self.root_pid))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,150 @@
+"""Run algorithms x presets x seeds through the real Flower simulation, one after another.
+
+    python -m simulations.grid --presets fmnist-dir0.1 fmnist-pathological \\
+        --algorithms fml fedavg fedprox local --seeds 0 1 2 --out outputs/grid
+
+Each run writes ``<out>/<preset>/<algorithm>-seed<seed>/``. A run whose ``metrics.json``
+already has every round is skipped; one that was interrupted continues from its
+checkpoint (``resume-from``), so re-running the same command resumes the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common.config import Algorithm, load_config
+from simulations.flwr_local import ROOT, SimLink
+
+PRESETS = ROOT / "simulations" / "presets"
+
+
+def load_preset(name: str) -> tuple[dict[str, Any], int]:
+    """A preset's run-config overrides (validated) and its number of simulated clients."""
+    path = PRESETS / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS.glob("*.toml") if p.stem != "supernodes")
+        raise SystemExit(f"unknown preset {name!r}: expected one of {', '.join(known)}")
+    overrides = tomllib.loads(path.read_text())
+    load_config(overrides)  # fail now, not after an hour of other runs
+    clients = tomllib.loads((PRESETS / "supernodes.toml").read_text())
+    if name not in clients:
+        raise SystemExit(f"{PRESETS / 'supernodes.toml'} has no client count for {name!r}")
+    return overrides, int(clients[name])
+
+
+@dataclass
+class Job:
+    """One cell of the grid."""
+
+    preset: str
+    algorithm: str
+    seed: int
+    out: Path
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / self.preset / f"{self.algorithm}-seed{self.seed}"
+
+    def rounds_done(self) -> int:
+        try:
+            return len(json.loads((self.run_dir / "metrics.json").read_text()))
+        except (OSError, ValueError):
+            return 0
+
+
+def _progress(job: Job, index: int, total: int, rounds: int, stop: threading.Event,
+              started: float, grid_eta) -> None:
+    seen = job.rounds_done()
+    while not stop.wait(2.0):
+        done = job.rounds_done()
+        if done != seen and done > 0:
+            seen = done
+            per_round = (time.time() - started) / max(done, 1)
+            eta = per_round * (rounds - done)
+            print(f"[{index}/{total}] {job.preset} {job.algorithm} seed {job.seed}: round "
+                  f"{done}/{rounds} ({per_round:.1f} s/round, run ETA {eta / 60:.1f} min, "
+                  f"grid ETA {grid_eta(eta) / 60:.0f} min)", flush=True)
+
+
+def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[int],
+             out: Path, cpus_per_client: float = 1, gpus_per_client: float = 0,
+             extra: dict[str, Any] | None = None) -> list[Job]:
+    """Run every missing cell; returns the jobs (run folders under ``out``)."""
+    out = out.resolve()
+    cells = [(p, *load_preset(p)) for p in presets]
+    for a in algorithms:
+        Algorithm(a)
+    jobs = [(Job(p, a, s, out), cfg, n) for p, cfg, n in cells for s in seeds for a in algorithms]
+    durations: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="fedmutual-grid-") as home, SimLink(Path(home)) as link:
+        for i, (job, preset_cfg, clients) in enumerate(jobs, start=1):
+            rounds = int(preset_cfg.get("num-server-rounds", 5))
+            if job.rounds_done() >= rounds:
+                print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: done, "
+                      "skipped", flush=True)
+                continue
+            run_config = {**preset_cfg, **(extra or {}), "algorithm": job.algorithm,
+                          "seed": job.seed, "output-dir": str(out / job.preset),
+                          "run-name": job.run_dir.name}
+            if (job.run_dir / "checkpoint.pt").exists():
+                run_config["resume-from"] = str(job.run_dir)
+                print(f"[{i}/{len(jobs)}] resuming {job.run_dir} after round "
+                      f"{job.rounds_done()}", flush=True)
+            else:
+                print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: start",
+                      flush=True)
+            remaining_jobs = len(jobs) - i
+
+            def grid_eta(run_eta: float, remaining_jobs: int = remaining_jobs) -> float:
+                avg = sum(durations) / len(durations) if durations else run_eta
+                return run_eta + remaining_jobs * avg
+
+            started, stop = time.time(), threading.Event()
+            watcher = threading.Thread(target=_progress, daemon=True, args=(
+                job, i, len(jobs), rounds, stop, started, grid_eta))
+            watcher.start()
+            log_path = job.out / job.preset / f"{job.run_dir.name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(log_path, "w") as log:
+                subprocess.run(link.command(run_config, clients, cpus_per_client,
+                                            gpus_per_client),
+                               env=link.env, stdout=log, stderr=subprocess.STDOUT,
+                               cwd=link.home, check=False)
+            stop.set()
+            watcher.join()
+            durations.append(time.time() - started)
+            if job.rounds_done() < rounds:
+                raise SystemExit(f"run {job.run_dir} stopped after {job.rounds_done()} of "
+                                 f"{rounds} rounds; see {log_path}")
+            summary = [ln for ln in log_path.read_text().splitlines() if "summary" in ln]
+            print(f"[{i}/{len(jobs)}] {summary[-1] if summary else 'finished'} "
+                  f"({durations[-1] / 60:.1f} min)", flush=True)
+    return [j for j, _, _ in jobs]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -m simulations.grid``."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="+", required=True)
+    p.add_argument("--algorithms", nargs="+", default=[a.value for a in Algorithm])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=ROOT / "outputs" / "grid")
+    p.add_argument("--cpus-per-client", type=float, default=1)
+    p.add_argument("--gpus-per-client", type=float, default=0)
+    a = p.parse_args(argv)
+    run_grid(a.presets, a.algorithms, a.seeds, a.out, a.cpus_per_client, a.gpus_per_client)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
