@@ -1,0 +1,54 @@
+"""The experiment runner and the report, on the digits-quick preset, through real runs."""
+
+import json
+import tomllib
+
+import matplotlib.image as mpimg
+import pytest
+
+from common.config import load_config
+from simulations.grid import PRESETS, Job, load_preset, run_grid
+from simulations.report import load_runs, table, write_report
+
+
+def test_every_preset_is_a_valid_run_config_with_a_client_count():
+    names = [p.stem for p in PRESETS.glob("*.toml") if p.stem != "supernodes"]
+    assert {"fmnist-dir0.1", "fmnist-pathological", "fmnist-iid", "digits-quick"} <= set(names)
+    for name in names:
+        overrides, clients = load_preset(name)
+        load_config(overrides)
+        assert clients >= 2
+    dir01 = tomllib.loads((PRESETS / "fmnist-dir0.1.toml").read_text())
+    assert dir01["dirichlet-alpha"] == 0.1 and dir01["test-fraction"] == 0.25
+    assert dir01["alpha"] == dir01["beta"] == 0.5 and dir01["lr"] == 0.01
+
+
+@pytest.mark.e2e
+def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsys):
+    preset, clients = load_preset("digits-quick")
+    # an interrupted run: the same config, stopped after 2 of its 3 rounds
+    job = Job("digits-quick", "fml", 0, tmp_path)
+    simlink.run({**preset, "num-server-rounds": 2, "algorithm": "fml", "seed": 0,
+                 "output-dir": str(tmp_path / "digits-quick"), "run-name": job.run_dir.name},
+                supernodes=clients)
+    assert job.rounds_done() == 2
+    run_grid(["digits-quick"], ["fml", "fedavg", "fedprox", "local"], [0], tmp_path)
+    out = capsys.readouterr().out
+    assert "resuming" in out and "round" in out and "ETA" in out
+    for algo in ("fml", "fedavg", "fedprox", "local"):
+        assert Job("digits-quick", algo, 0, tmp_path).rounds_done() == 3
+    resumed = json.loads((job.run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in resumed] == [1, 2, 3]
+    run_grid(["digits-quick"], ["fml"], [0], tmp_path)  # everything done: skipped
+    assert "done, skipped" in capsys.readouterr().out
+
+    files = write_report(tmp_path, tmp_path / "report")
+    md = (tmp_path / "report" / "results.md").read_text()
+    rows = [ln for ln in md.splitlines() if ln.startswith("| digits-quick")]
+    assert [r.split("|")[2].strip() for r in rows] == ["fml", "fedavg", "fedprox", "local"]
+    fml_cells = [c.strip() for c in rows[0].split("|")]
+    assert float(fml_cells[4]) > 0  # personalised accuracy final, in %
+    for png in (p for p in files if p.suffix == ".png"):
+        img = mpimg.imread(png)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+    assert table(load_runs(tmp_path)) in md
