@@ -1,7 +1,8 @@
 """Run algorithms x presets x seeds through the real Flower simulation, one after another.
 
     python -m simulations.grid --presets fmnist-dir0.1 fmnist-pathological \\
-        --algorithms fml fedavg fedprox local --seeds 0 1 2 --out outputs/grid
+        --algorithms fml fedavg fedprox local --seeds 0 1 2 --out outputs/grid \\
+        [--set num-server-rounds=10]
 
 Each run writes ``<out>/<preset>/<algorithm>-seed<seed>/``. A run whose ``metrics.json``
 already has every round is skipped; one that was interrupted continues from its
@@ -83,13 +84,15 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
     """Run every missing cell; returns the jobs (run folders under ``out``)."""
     out = out.resolve()
     cells = [(p, *load_preset(p)) for p in presets]
+    for _, cfg, _ in cells:
+        load_config({**cfg, **(extra or {})})
     for a in algorithms:
         Algorithm(a)
     jobs = [(Job(p, a, s, out), cfg, n) for p, cfg, n in cells for s in seeds for a in algorithms]
     durations: list[float] = []
     with tempfile.TemporaryDirectory(prefix="fedmutual-grid-") as home, SimLink(Path(home)) as link:
         for i, (job, preset_cfg, clients) in enumerate(jobs, start=1):
-            rounds = int(preset_cfg.get("num-server-rounds", 5))
+            rounds = int({**preset_cfg, **(extra or {})}.get("num-server-rounds", 5))
             if job.rounds_done() >= rounds:
                 print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: done, "
                       "skipped", flush=True)
@@ -142,8 +145,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "grid")
     p.add_argument("--cpus-per-client", type=float, default=1)
     p.add_argument("--gpus-per-client", type=float, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="run-config overrides on top of every preset (TOML values)")
     a = p.parse_args(argv)
-    run_grid(a.presets, a.algorithms, a.seeds, a.out, a.cpus_per_client, a.gpus_per_client)
+    extra = tomllib.loads("\n".join(a.set)) if a.set else {}
+    run_grid(a.presets, a.algorithms, a.seeds, a.out, a.cpus_per_client, a.gpus_per_client,
+             extra)
 
 
 if __name__ == "__main__":
