@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -148,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="run-config overrides on top of every preset (TOML values)")
     a = p.parse_args(argv)
+    # SIGTERM (kill, CI, a closing session) must still end our SuperLink and its Ray
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     extra = tomllib.loads("\n".join(a.set)) if a.set else {}
     run_grid(a.presets, a.algorithms, a.seeds, a.out, a.cpus_per_client, a.gpus_per_client,
              extra)
