@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,7 @@ DATASET_NAMES: tuple[str, ...] = (
 )
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "fedmutual" / "data"
+CACHE_DIR = Path(os.environ.get("FEDMUTUAL_CACHE", Path.home() / ".cache" / "fedmutual"))
 
 
 class DataError(ValueError):
@@ -192,21 +195,82 @@ def _normalise(arrays: dict[str, np.ndarray]) -> ArrayDataset:
     return ArrayDataset(xs["x_train"], y_train, xs.get("x_test"), y_test, spec)
 
 
+_CACHE_FORMAT = 1
+
+
+def _source_fingerprint(name: str, data_dir: str) -> str:
+    """What the cached arrays were made from: the files' names, sizes and times."""
+    parts = [name, data_dir, str(_CACHE_FORMAT)]
+    roots = [Path(data_dir).expanduser() if data_dir else DEFAULT_DATA_ROOT]
+    if name == "fashion-mnist":
+        roots.append(DEBIAN_FASHION_MNIST)
+    if name == "digits":
+        from importlib.metadata import version
+
+        parts.append(version("scikit-learn"))
+    for root in roots:
+        if root.is_dir():
+            for f in sorted(root.rglob("*")):
+                if f.is_file():
+                    st = f.stat()
+                    parts.append(f"{f}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+
+
+def _read_cached(folder: Path) -> ArrayDataset | None:
+    try:
+        meta = json.loads((folder / "spec.json").read_text())
+        arrays = {k: np.load(folder / f"{k}.npy", mmap_mode="r", allow_pickle=False)
+                  for k in meta["arrays"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return ArrayDataset(arrays["x_train"], arrays["y_train"], arrays.get("x_test"),
+                        arrays.get("y_test"), TaskSpec(**meta["spec"]))
+
+
+def _write_cached(folder: Path, ds: ArrayDataset) -> None:
+    arrays = {k: getattr(ds, k) for k in ("x_train", "y_train", "x_test", "y_test")
+              if getattr(ds, k) is not None}
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+        for k, v in arrays.items():
+            np.save(tmp / f"{k}.npy", v, allow_pickle=False)
+        spec = {"channels": ds.spec.channels, "size": ds.spec.size,
+                "num_classes": ds.spec.num_classes}
+        (tmp / "spec.json").write_text(json.dumps({"arrays": list(arrays), "spec": spec}))
+        os.replace(tmp, folder)
+    except OSError:  # read-only or racing writer: the cache only saves time
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
-    """A built-in dataset, loaded once per process (later calls hit the cache)."""
+    """A built-in dataset, normalised; once per process, and memory-mapped from a disk cache.
+
+    A deployed SuperNode starts a fresh process for every message, and each simulated
+    client process would otherwise hold its own copy: the cache
+    (``$FEDMUTUAL_CACHE/datasets``, default ``~/.cache/fedmutual``) makes a load cost
+    milliseconds and lets processes share the pages.
+    """
+    if name not in DATASET_NAMES or name == "npz":
+        raise DataError(f"unknown built-in dataset {name!r}: expected one of "
+                        f"{', '.join(n for n in DATASET_NAMES if n != 'npz')}")
+    folder = CACHE_DIR / "datasets" / f"{name}-{_source_fingerprint(name, data_dir)}"
+    cached = _read_cached(folder)
+    if cached is not None:
+        return cached
     if name in ("fashion-mnist", "mnist"):
         arrays = _load_mnist_like(name, data_dir)
     elif name in ("cifar10", "cifar100"):
         arrays = _load_cifar(name, data_dir)
     elif name == "digits":
         arrays = _load_digits()
-    elif name == "synthetic":
-        arrays = _load_synthetic()
     else:
-        raise DataError(f"unknown built-in dataset {name!r}: expected one of "
-                        f"{', '.join(n for n in DATASET_NAMES if n != 'npz')}")
-    return _normalise(arrays)
+        arrays = _load_synthetic()
+    ds = _normalise(arrays)
+    _write_cached(folder, ds)
+    return ds
 
 
 # --------------------------------------------------------------------------- npz (own data)
@@ -261,10 +325,9 @@ def resolve_data_path(template: str, partition_id: int | None) -> str:
 
 # --------------------------------------------------------------------------- per client
 def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-
-
-CACHE_DIR = Path(os.environ.get("FEDMUTUAL_CACHE", Path.home() / ".cache" / "fedmutual"))
+    """Own, writable, contiguous tensors (a memory-mapped slice is copied)."""
+    return (torch.from_numpy(np.require(x, requirements=["C", "W", "O"])),
+            torch.from_numpy(np.require(y, requirements=["C", "W", "O"])))
 
 
 @functools.lru_cache(maxsize=8)

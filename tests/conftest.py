@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
 
-import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
+# Tests keep their dataset/partition caches apart from the user's (~/.cache/fedmutual);
+# set before any test module imports common.data, inherited by every flwr process.
+_OWN_CACHE = None if "FEDMUTUAL_CACHE" in os.environ else tempfile.mkdtemp(
+    prefix="fedmutual-test-cache-")
+if _OWN_CACHE:
+    os.environ["FEDMUTUAL_CACHE"] = _OWN_CACHE
 
-from simulations.flwr_local import ROOT, SimLink, flwr_env, free_port
+import pytest  # noqa: E402
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
+
+from simulations.flwr_local import ROOT, SimLink, flwr_env, free_port  # noqa: E402
 
 __all__ = ["ROOT", "flwr_env", "free_port", "make_context", "make_message", "task_config"]
 
@@ -38,3 +48,9 @@ def simlink(tmp_path_factory):
     """One simulation SuperLink for the whole test session."""
     with SimLink(tmp_path_factory.mktemp("flwr-home")) as link:
         yield link
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Remove the test session's own cache folder."""
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
