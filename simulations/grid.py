@@ -76,7 +76,7 @@ def _progress(job: Job, index: int, total: int, rounds: int, stop: threading.Eve
             eta = per_round * (rounds - done)
             print(f"[{index}/{total}] {job.preset} {job.algorithm} seed {job.seed}: round "
                   f"{done}/{rounds} ({per_round:.1f} s/round, run ETA {eta / 60:.1f} min, "
-                  f"grid ETA {grid_eta(eta) / 60:.0f} min)", flush=True)
+                  f"grid ETA {grid_eta(eta, per_round * rounds) / 60:.0f} min)", flush=True)
 
 
 def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[int],
@@ -110,8 +110,9 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
                       flush=True)
             remaining_jobs = len(jobs) - i
 
-            def grid_eta(run_eta: float, remaining_jobs: int = remaining_jobs) -> float:
-                avg = sum(durations) / len(durations) if durations else run_eta
+            def grid_eta(run_eta: float, run_total: float,
+                         remaining_jobs: int = remaining_jobs) -> float:
+                avg = sum(durations) / len(durations) if durations else run_total
                 return run_eta + remaining_jobs * avg
 
             started, stop = time.time(), threading.Event()
