@@ -239,6 +239,21 @@ class Deployment:
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         return self.flwr("run", str(ROOT), "fm", "--run-config", overrides)
 
+    def run_statuses(self, timeout: float = 0, until: str = "finished") -> list[str]:
+        """The status of every run (``flwr ls``); with ``timeout``, wait until all start
+        with ``until``."""
+        deadline = time.time() + timeout
+        while True:
+            out = self.flwr("ls", "fm", "--format", "json")
+            try:
+                statuses = [str(r.get("status", "")) for r in json.loads(out)["runs"]]
+            except (ValueError, KeyError):
+                statuses = []
+            if statuses and all(s.startswith(until) for s in statuses) \
+                    or time.time() >= deadline:
+                return statuses
+            time.sleep(2)
+
     def stop(self, name: str, sig: int = 15) -> None:
         """Signal a process group (default SIGTERM) and reap it."""
         import signal

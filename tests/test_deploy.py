@@ -78,7 +78,7 @@ def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
     model.load_state_dict(after["model"])
     assert evaluate(model, data.x_test, data.y_test, torch.device("cpu"))[1] > 0.5
     assert (tmp_path / "tls" / "meme_final.pt").exists()
-    assert '"finished:completed"' in dep.flwr("ls", "fm", "--format", "json")
+    assert dep.run_statuses(timeout=120) == ["finished:completed"]
 
 
 def test_corrupt_state_file_is_refused_and_the_round_goes_on(dep, tmp_path):
