@@ -104,8 +104,13 @@ class SimLink:
         self.stop()
 
 
-def tree_rss(root_pid: int) -> int:
-    """Resident memory (bytes) of a process and all its descendants, read from /proc."""
+def tree_rss(root_pid: int, field: str = "Pss") -> int:
+    """Memory (bytes) of a process and all its descendants, read from /proc.
+
+    ``Pss`` (default) shares each shared page among the processes that map it, so the sum
+    is what the tree really occupies; ``Rss`` counts shared pages (torch's libraries,
+    mapped by every worker) once per process and overstates the total.
+    """
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in Path("/proc").iterdir():
@@ -118,7 +123,15 @@ def tree_rss(root_pid: int) -> int:
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         pid = int(entry.name)
         children.setdefault(int(fields.get("PPid", "0").strip() or 0), []).append(pid)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        if field == "Rss":
+            rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+        else:
+            try:
+                rollup = (entry / "smaps_rollup").read_text()
+            except OSError:
+                continue
+            line = next((ln for ln in rollup.splitlines() if ln.startswith(field + ":")), "")
+            rss[pid] = int(line.split()[1]) * 1024 if line else 0
     total, stack = 0, [root_pid]
     while stack:
         pid = stack.pop()
@@ -128,18 +141,19 @@ def tree_rss(root_pid: int) -> int:
 
 
 class PeakRSS:
-    """Samples :func:`tree_rss` in a thread; ``peak`` is the largest sample in bytes."""
+    """Samples :func:`tree_rss` in a thread: ``peak`` (PSS) and ``peak_rss`` in bytes."""
 
     def __init__(self, root_pid: int, interval: float = 0.5) -> None:
         import threading
 
-        self.root_pid, self.interval, self.peak = root_pid, interval, 0
+        self.root_pid, self.interval, self.peak, self.peak_rss = root_pid, interval, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss(self.root_pid))
+            self.peak = max(self.peak, tree_rss(self.root_pid, "Pss"))
+            self.peak_rss = max(self.peak_rss, tree_rss(self.root_pid, "Rss"))
             self._stop.wait(self.interval)
 
     def __enter__(self) -> PeakRSS:
