@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def main() -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "deploy.json")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still end our SuperLink
     with tempfile.TemporaryDirectory(prefix="fedmutual-deploy-bench-") as tmp:
         tmp = Path(tmp)
         costs = fresh_process_costs(a.dataset, a.nodes, tmp / "cache")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -104,6 +106,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "overhead.json")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still end our SuperLink
     run_config = {"dataset": a.dataset, "meme-model": a.model, "local-model": a.model,
                   "num-server-rounds": a.rounds, "seed": 0, "device": a.device,
                   "partitioner": "dirichlet", "dirichlet-alpha": 0.1}

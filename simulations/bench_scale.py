@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +39,7 @@ def main() -> None:
     p.add_argument("--model", default="mlp")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "scale.json")
     a = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still end our SuperLink
     per_client = private_state_bytes(a.model, TaskSpec(1, 8, 10))
     print(f"private state per client ({a.model}, weights + momentum): {per_client / 1e3:.0f} kB")
     results = []
