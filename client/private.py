@@ -11,8 +11,6 @@ an error naming it; only ``reset-private=true`` starts afresh.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from torch import nn
 
+from common.atomic import atomic_write
 from common.config import Config
 from common.models import MODEL_NAMES, TaskSpec, build_model
 from common.mutual import make_optimizer
@@ -161,21 +160,8 @@ def _prev(path: Path) -> Path:
 
 
 def _write_atomic(path: Path, payload: dict) -> None:
-    """Temp file, fsync, then the current version becomes ``.prev.pt`` and the new one
-    takes its place; a crash in between leaves at least one complete version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.replace(path, _prev(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """The new version replaces the file; the one it replaces becomes ``.prev.pt``."""
+    atomic_write(path, lambda f: torch.save(payload, f), keep_previous=_prev(path))
 
 
 def read_state_file(path: Path) -> dict:

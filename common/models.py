@@ -27,17 +27,23 @@ def _flat_dim(features: nn.Module, spec: TaskSpec) -> int:
         return features(torch.zeros(1, spec.channels, spec.size, spec.size)).numel()
 
 
+def _two_conv_features(spec: TaskSpec, c1: int, c2: int) -> nn.Sequential:
+    """Two 5x5 conv + ReLU + 2x2 max-pool blocks, flattened; padded under 16 px, where the
+    unpadded convolutions would shrink the image to nothing."""
+    pad = 0 if spec.size >= 16 else 2
+    return nn.Sequential(
+        nn.Conv2d(spec.channels, c1, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c1, c2, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+    )
+
+
 def cnn(spec: TaskSpec) -> nn.Module:
     """The FedAvg paper's CNN as PFLlib builds it (2 conv 5x5 + pool, FC 512, FC out).
 
     On 28x28 input it has 1,024 features after the convolutions (582k parameters with 10
-    classes). Inputs under 16 px would shrink to nothing, so there the convolutions pad.
+    classes).
     """
-    pad = 0 if spec.size >= 16 else 2
-    features = nn.Sequential(
-        nn.Conv2d(spec.channels, 32, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-    )
+    features = _two_conv_features(spec, 32, 64)
     return nn.Sequential(
         features, nn.Linear(_flat_dim(features, spec), 512), nn.ReLU(),
         nn.Linear(512, spec.num_classes),
@@ -55,11 +61,7 @@ def mlp(spec: TaskSpec) -> nn.Module:
 
 def cnn_cifar(spec: TaskSpec) -> nn.Module:
     """The FedAvg paper's CIFAR CNN (TensorFlow tutorial): 2 conv 5x5x64, FC 384, FC 192."""
-    pad = 0 if spec.size >= 16 else 2
-    features = nn.Sequential(
-        nn.Conv2d(spec.channels, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(64, 64, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-    )
+    features = _two_conv_features(spec, 64, 64)
     return nn.Sequential(
         features, nn.Linear(_flat_dim(features, spec), 384), nn.ReLU(),
         nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, spec.num_classes),
