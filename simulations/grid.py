@@ -2,7 +2,7 @@
 
     python -m simulations.grid --presets fmnist-dir0.1 fmnist-pathological \\
         --algorithms fml fedavg fedprox local --seeds 0 1 2 --out outputs/grid \\
-        [--set num-server-rounds=10]
+        [--set num-server-rounds=30]
 
 Each run writes ``<out>/<preset>/<algorithm>-seed<seed>/``. A run whose ``metrics.json``
 already has every round is skipped; one that was interrupted continues from its
