@@ -12,14 +12,13 @@ Uses the insecure loopback demo set-up: TLS would add the same handshake cost to
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from simulations.flwr_local import ROOT, Deployment, wait_for_rounds
+from simulations.flwr_local import ROOT, Deployment, save_benchmark, wait_for_rounds
 
 PROBE = """
 import time, sys
@@ -77,9 +76,7 @@ def main() -> None:
           f"{', '.join(f'{s:.1f}' for s in rounds)}")
     result = {"benchmark": "deploy", "nodes": a.nodes, "dataset": a.dataset, "model": a.model,
               "round_seconds": rounds, "fresh_process": costs}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {a.json}")
+    save_benchmark(a.json, result)
 
 
 if __name__ == "__main__":

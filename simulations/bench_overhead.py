@@ -28,7 +28,7 @@ from common.models import build_model
 from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
 from common.runtime import derive_seed, resolve_device, seed_everything
 from server.aggregate import weighted_average
-from simulations.flwr_local import ROOT, SimLink
+from simulations.flwr_local import ROOT, SimLink, save_benchmark
 
 
 def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
@@ -130,9 +130,7 @@ def main() -> None:
               "plain": plain, "flower": fl, "ratio_without_startup": ratio,
               "train_samples_per_second_flower": samples / no_start,
               "train_samples_per_second_plain": samples / plain["seconds"]}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(result, indent=2))
-    print(f"wrote {a.json}")
+    save_benchmark(a.json, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common.config import load_config
 from common.models import TaskSpec, build_model
-from simulations.flwr_local import ROOT, PeakRSS, SimLink
+from simulations.flwr_local import ROOT, PeakRSS, SimLink, save_benchmark
 
 
 def private_state_bytes(model: str, spec: TaskSpec) -> int:
@@ -73,9 +73,7 @@ def main() -> None:
               f"wall {wall:.0f} s", flush=True)
     out = {"benchmark": "scale", "clients": a.clients, "rounds": a.rounds, "model": a.model,
            "private_state_bytes_per_client": per_client, "results": results}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(out, indent=2))
-    print(f"wrote {a.json}")
+    save_benchmark(a.json, out)
 
 
 if __name__ == "__main__":

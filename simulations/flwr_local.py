@@ -307,3 +307,10 @@ def wait_for_rounds(metrics: Path, n_rounds: int, timeout: float) -> list[dict[s
             pass
         time.sleep(1)
     raise TimeoutError(f"{metrics} did not reach {n_rounds} rounds in {timeout:.0f} s")
+
+
+def save_benchmark(path: Path, result: dict[str, Any]) -> None:
+    """Write a benchmark's numbers as JSON beside what it printed, so runs can be compared."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
