@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from common.atomic import atomic_write
 from common.models import TaskSpec
 
 if TYPE_CHECKING:
@@ -231,6 +232,7 @@ def _read_cached(folder: Path) -> ArrayDataset | None:
 def _write_cached(folder: Path, ds: ArrayDataset) -> None:
     arrays = {k: getattr(ds, k) for k in ("x_train", "y_train", "x_test", "y_test")
               if getattr(ds, k) is not None}
+    tmp = None
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
@@ -241,7 +243,8 @@ def _write_cached(folder: Path, ds: ArrayDataset) -> None:
         (tmp / "spec.json").write_text(json.dumps({"arrays": list(arrays), "spec": spec}))
         os.replace(tmp, folder)
     except OSError:  # read-only or racing writer: the cache only saves time
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @functools.lru_cache(maxsize=4)
@@ -357,11 +360,7 @@ def _partitions(name: str, data_dir: str, num_partitions: int, partitioner: str,
     parts = partition_indices(ds.y_train, num_partitions, Partitioner(partitioner), seed,
                               dirichlet_alpha, classes_per_client)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{f"p{i}": p for i, p in enumerate(parts)})
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: np.savez(f, **{f"p{i}": p for i, p in enumerate(parts)}))
     except OSError:  # a read-only home only costs speed
         pass
     return parts
