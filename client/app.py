@@ -1,17 +1,23 @@
 """ClientApp: unpack the message, train or evaluate with ``common``, pack the reply.
 
 The reply to a train message holds the meme's arrays and scalar metrics, nothing else:
-the private model stays in ``context.state``.
+the private model stays in ``context.state``. With ``secure-aggregation`` the train
+messages come in Flower's legacy ``fitins.*`` format (the SecAgg+ workflow's) and the
+reply goes out as ``fitres.*``, masked by the SecAgg+ mod before it leaves.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.compat.common import recorddict_compat as compat
+from flwr.compat.common.typing import Code, FitRes, Status
 
 from client import private
-from common.config import Config, load_config
+from client.mods import audit_mod, dp_clip_mod, secure_mod
+from common.config import Aggregation, Config, load_config
 from common.data import ClientData, load_client_data
 from common.faults import apply_to_update
 from common.models import TaskSpec, build_model
@@ -19,7 +25,10 @@ from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device
 
-app = ClientApp()
+app = ClientApp(mods=[audit_mod])
+
+#: legacy record names of the SecAgg+ workflow's train messages (see server/secure.py)
+_FITINS_ARRAYS, _FITINS_CONFIG = "fitins.parameters", "fitins.config"
 
 
 def _task_spec(config: ConfigRecord) -> TaskSpec:
@@ -38,10 +47,34 @@ def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientD
     return data
 
 
-def _meme(cfg: Config, spec: TaskSpec, arrays: ArrayRecord, device: torch.device):
+def _meme(cfg: Config, spec: TaskSpec, arrays: ArrayRecord, device: torch.device,
+          positional: bool = False):
+    """The meme as received; ``positional``: legacy records key arrays "0", "1", ..."""
     meme = build_model(cfg.meme_model, spec)
+    if positional:
+        keys = list(meme.state_dict())
+        if len(arrays) != len(keys):
+            raise ValueError(f"meme received from the server has {len(arrays)} arrays, the "
+                             f"'{cfg.meme_model}' meme has {len(keys)}")
+        arrays = ArrayRecord({k: arrays[str(i)] for i, k in enumerate(keys)})
     load_into(meme, arrays, what="meme received from the server")
     return meme.to(device)
+
+
+def _secure_reply(cfg: Config, state: dict[str, torch.Tensor], num_examples: int,
+                  metrics: dict) -> RecordDict:
+    """The legacy ``fitres.*`` reply the SecAgg+ mod masks (positional arrays + weight)."""
+    limit = cfg.secagg_clipping_range
+    for k, v in state.items():
+        top = float(v.detach().abs().max()) if v.numel() else 0.0
+        if not np.isfinite(top) or top > limit:
+            raise ValueError(f"meme array '{k}' reaches {top:.4g}, outside "
+                             f"secagg-clipping-range={limit:g}: SecAgg+ would clip it; "
+                             "raise secagg-clipping-range")
+    weight = 1 if cfg.aggregation is Aggregation.UNIFORM else num_examples
+    params = compat.arrayrecord_to_parameters(to_record(state), keep_input=True)
+    fitres = FitRes(Status(Code.OK, ""), params, weight, dict(metrics))
+    return compat.fitres_to_recorddict(fitres, keep_input=True)
 
 
 @app.query()
@@ -61,11 +94,13 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.train()
+@app.train(mods=[secure_mod, dp_clip_mod])
 def train(msg: Message, context: Context) -> Message:
     """One local update: restore the private model, train it with the meme, reply the meme."""
     cfg = load_config(context.run_config)
-    config = msg.content["config"]
+    secure = _FITINS_ARRAYS in msg.content.array_records
+    config = msg.content[_FITINS_CONFIG if secure else "config"]
+    received = msg.content[_FITINS_ARRAYS if secure else "arrays"]
     server_round = int(config["server-round"])
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
@@ -77,7 +112,7 @@ def train(msg: Message, context: Context) -> Message:
                            f"{server_round} (run-config 'faults')")
 
     algo = cfg.algorithm
-    meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
+    meme = _meme(cfg, spec, received, device, secure) if algo.trains_meme else None
     opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh every round
     lineage = str(config.get("lineage", ""))
     priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
@@ -101,11 +136,14 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
     if meme is not None:
         metrics.update({"train-loss-meme": stats.loss_meme, "train-acc-meme": stats.acc_meme})
+    if secure:
+        return Message(_secure_reply(cfg, meme.state_dict(), stats.num_examples, metrics),
+                       reply_to=msg)
     arrays = ArrayRecord()
     if meme is not None:
         state = meme.state_dict()
         for fault in faults:  # nan / scale: a broken or poisoning client
-            state = apply_to_update(fault, state, msg.content["arrays"].to_torch_state_dict())
+            state = apply_to_update(fault, state, received.to_torch_state_dict())
         arrays = to_record(state)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),
                    reply_to=msg)

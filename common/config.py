@@ -62,6 +62,19 @@ class Aggregation(StrEnum):
         return self not in (Aggregation.WEIGHTED, Aggregation.UNIFORM)
 
 
+class DpMode(StrEnum):
+    """Client-level differential privacy on the meme (Flower's fixed-clipping wrappers)."""
+
+    NONE = "none"
+    SERVER = "server"  # the server clips each meme update, then noises the average
+    CLIENT = "client"  # each client clips its own update (a client mod); the server noises
+
+    @property
+    def enabled(self) -> bool:
+        """Whether updates are clipped and the average noised."""
+        return self is not DpMode.NONE
+
+
 class Partitioner(StrEnum):
     """How a built-in dataset is split across simulated clients."""
 
@@ -155,6 +168,15 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("resume-from", str, ""),
     _Key("faults", str, "", _faults,
          "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan or scale<FACTOR>"),
+    _Key("dp-mode", DpMode, DpMode.NONE),
+    _Key("dp-noise-multiplier", float, 1.0, _non_negative, "a number >= 0"),
+    _Key("dp-clipping-norm", float, 1.0, _positive, "a number > 0"),
+    _Key("dp-delta", float, 1e-5, _in(0, 1, True, True), "a number in (0, 1)"),
+    _Key("secure-aggregation", bool, False),
+    _Key("secagg-num-shares", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    _Key("secagg-threshold", float, 0.5, _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    _Key("secagg-clipping-range", float, 8.0, _positive, "a number > 0"),
+    _Key("audit-dir", str, ""),
     _Key("output-dir", str, ""),
     _Key("run-name", str, "", lambda v: "/" not in v and v not in (".", ".."),
          "a folder name without '/'"),
@@ -201,6 +223,15 @@ class Config:
     reset_private: bool
     resume_from: str
     faults: str
+    dp_mode: DpMode
+    dp_noise_multiplier: float
+    dp_clipping_norm: float
+    dp_delta: float
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_threshold: float
+    secagg_clipping_range: float
+    audit_dir: str
     output_dir: str
     run_name: str
 
@@ -275,7 +306,37 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     if cfg.aggregation.robust and cfg.algorithm is Algorithm.LOCAL:
         raise ConfigError(f"run-config key 'aggregation' = {cfg.aggregation.value!r} needs a "
                           "meme, but algorithm 'local' aggregates nothing: expected 'weighted'")
+    _check_privacy(cfg)
     return cfg
+
+
+def _check_privacy(cfg: Config) -> None:
+    """The combinations of the privacy switches that would not protect what they claim."""
+    mode = cfg.dp_mode.value
+    if cfg.dp_mode.enabled and not cfg.algorithm.trains_meme:
+        raise ConfigError(f"run-config key 'dp-mode' = {mode!r} noises the meme, but "
+                          "algorithm 'local' sends none: expected 'none'")
+    if cfg.dp_mode.enabled and cfg.aggregation is not Aggregation.UNIFORM:
+        raise ConfigError(
+            f"run-config key 'dp-mode' = {mode!r} needs aggregation 'uniform', got "
+            f"{cfg.aggregation.value!r}: the noise is calibrated to a clipped update "
+            "counting 1/n of the average, which sample weights or robust rules break")
+    if not cfg.secure_aggregation:
+        return
+    if not cfg.algorithm.trains_meme:
+        raise ConfigError("run-config key 'secure-aggregation' = true needs a meme to "
+                          "aggregate, but algorithm 'local' sends none")
+    if cfg.aggregation.robust:
+        raise ConfigError(
+            f"run-config key 'secure-aggregation' = true only sums memes: aggregation "
+            f"{cfg.aggregation.value!r} needs to see each one; expected 'weighted' or 'uniform'")
+    if cfg.dp_mode is DpMode.SERVER:
+        raise ConfigError("run-config key 'dp-mode' = 'server' cannot clip updates that "
+                          "secure aggregation hides from the server: use 'client'")
+    if any(f.kind != "raise" for f in cfg.fault_list):
+        raise ConfigError(f"run-config key 'faults' = {cfg.faults!r}: with "
+                          "secure-aggregation = true only 'raise' faults (dropped clients) "
+                          "apply; the server sees only the sum, not a broken update")
 
 
 def default_config() -> Config:

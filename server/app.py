@@ -18,7 +18,9 @@ from common.mutual import evaluate
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
 from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from server.privacy import wrap_dp
 from server.results import RunLog, project_path, torch_save_atomic
+from server.secure import SecureAggregationFailed
 from server.strategy import MemeStrategyMixin, TooFewClients, build_strategy
 from server.validate import template_of
 
@@ -108,7 +110,7 @@ def main(grid: Grid, context: Context) -> None:
     remaining = cfg.num_server_rounds - strategy.round_offset
     try:
         if remaining > 0:
-            strategy.start(
+            wrap_dp(strategy).start(
                 grid=grid, initial_arrays=initial, num_rounds=remaining,
                 timeout=cfg.round_timeout, train_config=ConfigRecord(task),
                 evaluate_config=ConfigRecord(dict(task)),
@@ -121,6 +123,12 @@ def main(grid: Grid, context: Context) -> None:
         log(ERROR, msg)
         print(run_log.summary(), flush=True)
         raise TooFewClients(msg) from None
+    except SecureAggregationFailed as exc:
+        done = len(run_log.records)
+        msg = (f"fedmutual: secure aggregation failed, the run stops: {exc}. Rounds 1-{done} "
+               f"are kept in {run_log.run_dir} (checkpoint.pt)")
+        log(ERROR, msg)
+        raise SecureAggregationFailed(msg) from None
     if cfg.algorithm.trains_meme:
         torch_save_atomic(run_log.run_dir / "meme_final.pt", meme.state_dict())
     print(run_log.summary(), flush=True)

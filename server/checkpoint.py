@@ -23,7 +23,8 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
 # Keys a resumed run may change: how long it runs, where it writes, how long it waits.
 MAY_DIFFER = frozenset({"num-server-rounds", "resume-from", "run-name", "output-dir",
-                        "round-timeout", "min-clients", "device", "state-dir"})
+                        "round-timeout", "min-clients", "device", "state-dir",
+                        "audit-dir"})
 
 
 class CheckpointError(RuntimeError):

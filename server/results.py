@@ -18,7 +18,8 @@ from common.config import Config
 METRIC_KEYS = (
     "round", "local_accuracy", "meme_accuracy", "central_meme_accuracy", "train_loss_local",
     "train_loss_meme", "num_clients", "rejected_updates", "failed_clients", "skipped",
-    "bytes_up", "bytes_down", "seconds",
+    "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
+    "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm",
 )
 
 

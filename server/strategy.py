@@ -8,7 +8,9 @@ What it adds to Flower's FedAvg / FedProx / FedMedian / FedTrimmedAvg / Krum:
   it; rejected and failed replies are counted, and a round with no valid reply keeps the meme;
 - ``weighted`` and ``uniform`` averaging run in float64 and keep each array's dtype; the
   robust modes are Flower's own; ``local`` (no meme) aggregates nothing;
-- a round offset, so a resumed run continues the round numbers (and their seeds).
+- a round offset, so a resumed run continues the round numbers (and their seeds);
+- ``secure-aggregation``: the sampled train messages go through Flower's SecAgg+ protocol
+  (:mod:`server.secure`) instead of a plain send-and-receive.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import weighted_average
 from server.results import RunLog
+from server.secure import SecureAggregationFailed, SecureResult, secure_mean
 from server.validate import Template, validate_update
 
 _UNKNOWN_KEY = 2**62  # nodes that failed to identify sort last, by node id
@@ -78,6 +81,9 @@ class MemeStrategyMixin:
         self._sent_train = 0
         self.client_keys: dict[int, int] = {}
         self.client_info: dict[int, MetricRecord] = {}
+        self.current_arrays = ArrayRecord()  # the meme sent in the open round
+        self.population = 0  # clients connected when the open round sampled
+        self._secure_round: tuple[Grid, list[Message]] | None = None
 
     # ------------------------------------------------------------------ identification
     def identify(self, grid: Grid) -> None:
@@ -146,10 +152,15 @@ class MemeStrategyMixin:
         self.run_log.begin_round(rnd)
         log(INFO, "fedmutual: round %d of %d", rnd, self.cfg.num_server_rounds)
         ordered = self._ordered(grid)
+        self.population = len(ordered.get_node_ids())
         random.seed(derive_seed(self.cfg.seed, "sample-train", rnd))
         msgs = list(super().configure_train(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         self._sent_train = len(msgs)
+        self.current_arrays = arrays
+        if self.cfg.secure_aggregation:  # sent by secure_round(), inside aggregate_train
+            self._secure_round = (grid, msgs)
+            return []
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -188,36 +199,81 @@ class MemeStrategyMixin:
         self.run_log.set(rejected_updates=rejected, failed_clients=len(failed) + silent)
         return accepted
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message],
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate, then aggregate the memes in client-key order; record the round."""
-        accepted = self._accept(self._sort_replies(replies))
-        if not accepted:
-            log(WARNING, "no valid update this round: the meme stays as it was")
-            self.run_log.set(skipped=True)
-            return None, None
-        contents = [m.content for m in accepted]
-        memes = [next(iter(c.array_records.values())) for c in contents]
+    def note_accepted(self, contents: list[RecordDict]) -> MetricRecord | None:
+        """Record the accepted replies (count, bytes, train losses); their mean metrics."""
+        memes = [next(iter(c.array_records.values()), ArrayRecord()) for c in contents]
         self.run_log.add("bytes_up", sum(record_bytes(r) for r in memes))
-        self.run_log.set(num_clients=len(accepted))
-        if not self.cfg.algorithm.trains_meme:
-            arrays, metrics = None, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        elif self.cfg.aggregation.robust:  # Flower's FedMedian / FedTrimmedAvg / (Multi)Krum
-            self._prepare_robust(len(accepted))
-            arrays, metrics = super().aggregate_train(server_round, accepted)
-            arrays = self._restore_dtypes(arrays)
-        else:
-            weights = ([1.0] * len(contents) if self.cfg.aggregation is Aggregation.UNIFORM
-                       else [float(c.metric_records["metrics"][self.weighted_by_key])
-                             for c in contents])
-            avg = weighted_average([{k: a.numpy() for k, a in r.items()} for r in memes],
-                                   weights)
-            arrays = ArrayRecord({k: Array(v) for k, v in avg.items()})
-            metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        self.run_log.set(num_clients=len(contents))
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
         if metrics is not None:
             self.run_log.set(train_loss_local=metrics.get("train-loss-local"),
                              train_loss_meme=metrics.get("train-loss-meme"))
-        return arrays, metrics
+        return metrics
+
+    def skip_round(self) -> tuple[None, None]:
+        """Keep the meme: nothing valid arrived this round."""
+        log(WARNING, "no valid update this round: the meme stays as it was")
+        self.run_log.set(skipped=True)
+        return None, None
+
+    def secure_round(self, server_round: int) -> SecureResult:
+        """Run SecAgg+ over this round's sampled clients: the unmasked mean of their memes."""
+        if self._secure_round is None:
+            raise SecureAggregationFailed("secure aggregation was asked for, but no train "
+                                          "round was configured")
+        grid, msgs = self._secure_round
+        self._secure_round = None
+        rnd = server_round + self.round_offset
+        weight = (1.0 if self.cfg.aggregation is Aggregation.UNIFORM
+                  else self.max_weight() or 1000.0)
+        result = secure_mean(
+            grid, msgs, list(self.template), rnd, num_shares=self.cfg.secagg_num_shares,
+            threshold=self.cfg.secagg_threshold, max_weight=weight,
+            clipping_range=self.cfg.secagg_clipping_range, timeout=self.cfg.round_timeout,
+            seed=derive_seed(self.cfg.seed, "secagg", rnd))
+        for k, v in result.mean.items():
+            if tuple(v.shape) != self.template[k][0] or not np.all(np.isfinite(v)):
+                raise SecureAggregationFailed(
+                    f"round {rnd}: the securely aggregated '{k}' is not a finite array of "
+                    f"shape {self.template[k][0]}")
+        if result.failed:
+            log(WARNING, "%d sampled client(s) dropped out of secure aggregation",
+                result.failed)
+        self.run_log.set(failed_clients=result.failed)
+        return result
+
+    def _aggregate_secure(self, server_round: int,
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = self.secure_round(server_round)
+        contents = [RecordDict({"metrics": m}) for m in result.metrics]
+        metrics = self.note_accepted(contents)
+        # what went up was masked, but as large as the plain memes
+        self.run_log.add("bytes_up", len(contents) * record_bytes(self.current_arrays))
+        arrays = ArrayRecord({k: Array(v) for k, v in result.mean.items()})
+        return self._restore_dtypes(arrays), metrics
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, then aggregate the memes in client-key order; record the round."""
+        if self.cfg.secure_aggregation:
+            return self._aggregate_secure(server_round)
+        accepted = self._accept(self._sort_replies(replies))
+        if not accepted:
+            return self.skip_round()
+        contents = [m.content for m in accepted]
+        memes = [next(iter(c.array_records.values())) for c in contents]
+        metrics = self.note_accepted(contents)  # before Flower's FedMedian empties records
+        if not self.cfg.algorithm.trains_meme:
+            return None, metrics
+        if self.cfg.aggregation.robust:  # Flower's FedMedian / FedTrimmedAvg / (Multi)Krum
+            self._prepare_robust(len(accepted))
+            arrays, _ = super().aggregate_train(server_round, accepted)
+            return self._restore_dtypes(arrays), metrics
+        weights = ([1.0] * len(contents) if self.cfg.aggregation is Aggregation.UNIFORM
+                   else [float(c.metric_records["metrics"][self.weighted_by_key])
+                         for c in contents])
+        avg = weighted_average([{k: a.numpy() for k, a in r.items()} for r in memes], weights)
+        return ArrayRecord({k: Array(v) for k, v in avg.items()}), metrics
 
     def _prepare_robust(self, n_accepted: int) -> None:
         """Hook before a robust aggregation sees ``n_accepted`` replies."""

@@ -1,0 +1,107 @@
+"""Client mods: what wraps the handlers on the way out.
+
+- :func:`audit_mod` (whole ClientApp, outermost): with run-config ``audit-dir`` set, writes
+  every reply this client sends, and a snapshot of its private model, to that folder, so a
+  test (or a privacy auditor) can check what left the device. Off by default: it costs a
+  file write per message.
+- :func:`secure_mod` (train): Flower's ``secaggplus_mod`` for the messages of the SecAgg+
+  protocol; plain train messages pass through untouched.
+- :func:`dp_clip_mod` (train, innermost): with ``dp-mode=client``, clips the meme update to
+  the norm the server's DP wrapper sent, before it is masked or sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MessageType
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+from client import private
+from common.atomic import atomic_write
+from common.config import load_config
+from common.privacy import clip_update
+
+
+def _record_summary(msg: Message) -> dict:
+    """Every record of a message: its kind and, for config/metric records, the values."""
+    out: dict = {}
+    for name, record in msg.content.items():
+        kind = type(record).__name__
+        if isinstance(record, ArrayRecord):
+            out[name] = {"kind": kind, "keys": list(record.keys())}
+        else:
+            out[name] = {"kind": kind, "values": {k: _jsonable(v) for k, v in record.items()}}
+    return out
+
+
+def _jsonable(v: object) -> object:
+    if isinstance(v, bytes):
+        return {"bytes": len(v)}
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Record the reply (records, arrays) and the private model next to it (``audit-dir``)."""
+    reply = call_next(msg, context)
+    audit_dir = str(context.run_config.get("audit-dir", ""))
+    if not audit_dir:
+        return reply
+    cfg = load_config(context.run_config)
+    node = private.node_info(cfg, context)
+    folder = Path(audit_dir) / f"client-{node.client_key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.time_ns()}-{msg.metadata.message_type.replace('.', '-')}"
+    arrays = {}
+    if not reply.has_error():
+        for name, record in reply.content.array_records.items():
+            for k, a in record.items():
+                arrays[f"reply/{name}/{k}"] = a.numpy()
+    stored = private.stored_model(context)
+    if stored is not None:
+        for k, a in stored.items():
+            arrays[f"private/{k}"] = a.numpy()
+    meta = {"message_type": msg.metadata.message_type, "error": reply.has_error(),
+            "records": {} if reply.has_error() else _record_summary(reply)}
+    atomic_write(folder / f"{stem}.npz", lambda f: np.savez(f, **arrays))
+    atomic_write(folder / f"{stem}.json", lambda f: f.write(json.dumps(meta).encode()))
+    return reply
+
+
+def secure_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client for the protocol's messages; other train messages pass."""
+    if (msg.metadata.message_type == MessageType.TRAIN
+            and RECORD_KEY_CONFIGS in msg.content.config_records):
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Clip the meme update to the server's ``clipping_norm`` (``dp-mode=client``).
+
+    Flower's ``fixedclipping_mod`` does the same for a plain message, but scales every
+    array in place (which fails on integer buffers) and refuses the two config records of
+    a SecAgg+ message; this clips the floating arrays, in either message format.
+    """
+    norm = None
+    for record in msg.content.config_records.values():
+        if KEY_CLIPPING_NORM in record:
+            norm = float(record[KEY_CLIPPING_NORM])
+    reply = call_next(msg, context)
+    if norm is None or reply.has_error():
+        return reply
+    sent = next(iter(msg.content.array_records.values()))
+    name, record = next(iter(reply.content.array_records.items()))
+    clipped, _ = clip_update({k: a.numpy() for k, a in record.items()},
+                             {k: a.numpy() for k, a in sent.items()}, norm)
+    reply.content.array_records[name] = ArrayRecord(
+        {k: Array(clipped[k]) for k in record.keys()})
+    return reply

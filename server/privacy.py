@@ -1,0 +1,130 @@
+"""Client-level DP on the meme: Flower's fixed-clipping wrappers around the meme strategy.
+
+``dp-mode=server`` wraps the strategy in Flower's ``DifferentialPrivacyServerSideFixedClipping``
+(the server clips each update it receives), ``dp-mode=client`` in
+``DifferentialPrivacyClientSideFixedClipping`` (its ``configure_train`` sends the clipping
+norm; :func:`client.mods.dp_clip_mod` clips before sending). Both keep Flower's
+configuration and logging; ``aggregate_train`` is replaced because Flower's
+
+- skips the whole round when one sampled client fails, and otherwise divides by the number
+  that answered while noising for the number sampled (too little noise);
+- clips and noises integer buffers (and fails on them);
+- validates nothing and accounts nothing for a strategy that is not plain FedAvg.
+
+Here every reply passes the meme validator first; a client-clipped update larger than the
+norm is rejected (it would void the guarantee); the mean uses the fixed denominator m (a
+missing client counts as a zero update), noise ``N(0, (σC/m)²)`` is drawn from a per-round
+seed, and (ε, δ) is recomputed from every released round and written to ``metrics.json``.
+With ``secure-aggregation`` the sum comes from SecAgg+ and the server adds the noise to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+)
+from flwr.supercore import log
+from flwr.supercore.differential_privacy import compute_stdv
+
+from common.config import DpMode
+from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
+from common.runtime import derive_seed
+from server.strategy import MemeStrategyMixin
+
+_NORM_SLACK = 1e-5  # relative: float32 rounding of a client's clipped update
+
+
+class _MemeDp:
+    """The shared ``aggregate_train`` of both wrappers (mixed in front of Flower's)."""
+
+    strategy: MemeStrategyMixin
+    noise_multiplier: float
+    clipping_norm: float
+    num_sampled_clients: int
+    clips_on_server: bool = True
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, clip (or check the client's clipping), average over m, noise, account."""
+        inner = self.strategy
+        ref = {k: a.numpy() for k, a in inner.current_arrays.items()}
+        if inner.cfg.secure_aggregation:
+            result = inner.secure_round(server_round)
+            contents = [RecordDict({"metrics": m}) for m in result.metrics]
+            n = len(contents)
+            # SecAgg+ gives the mean over the n that completed: back to the sum, over m below
+            updates = [{k: ref[k] + n * (v - ref[k]) for k, v in result.mean.items()}]
+            norms: list[float] = []
+        else:
+            accepted = inner._accept(inner._sort_replies(replies))
+            contents, updates, norms = [], [], []
+            for m in accepted:
+                record = next(iter(m.content.array_records.values()))
+                clipped, norm = clip_update({k: a.numpy() for k, a in record.items()}, ref,
+                                            self.clipping_norm)
+                if not self.clips_on_server and norm > self.clipping_norm * (1 + _NORM_SLACK):
+                    inner.run_log.add("rejected_updates", 1)
+                    log(WARNING, "rejected the update of node %d: norm %.4g exceeds "
+                        "dp-clipping-norm=%g (the client did not clip)",
+                        m.metadata.src_node_id, norm, self.clipping_norm)
+                    continue
+                contents.append(m.content)
+                updates.append(clipped)
+                norms.append(norm)
+        if not contents:
+            return inner.skip_round()
+        metrics = inner.note_accepted(contents)
+        sampled = max(inner._sent_train, len(contents))
+        self.num_sampled_clients = sampled
+        std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
+        rnd = server_round + inner.round_offset
+        rng = np.random.default_rng(derive_seed(inner.cfg.seed, "dp-noise", rnd))
+        noised = noisy_mean_update(ref, updates, sampled, std, rng)
+        arrays = ArrayRecord({k: Array(v) for k, v in noised.items()})
+        epsilon = self._account(sampled, inner.population)
+        inner.run_log.set(dp_epsilon=epsilon, dp_delta=inner.cfg.dp_delta, dp_noise_std=std,
+                          dp_sampled=sampled, dp_population=inner.population,
+                          dp_clipped=sum(n > self.clipping_norm for n in norms) if norms
+                          else None,
+                          dp_update_norm=float(np.median(norms)) if norms else None)
+        log(INFO, "dp: noise std %.4g (sigma %g x C %g / m %d); epsilon %.4g at delta %g",
+            std, self.noise_multiplier, self.clipping_norm, sampled, epsilon,
+            inner.cfg.dp_delta)
+        return arrays, metrics
+
+    def _account(self, sampled: int, population: int) -> float:
+        """ε after every released round so far, this one included (from metrics records)."""
+        inner = self.strategy
+        releases = [Release(self.noise_multiplier, int(r["dp_sampled"]),
+                            int(r["dp_population"]))
+                    for r in inner.run_log.records if r.get("dp_sampled")]
+        releases.append(Release(self.noise_multiplier, sampled, max(population, sampled)))
+        return epsilon_spent(releases, inner.cfg.dp_delta,
+                             subsampled=inner.cfg.fraction_train < 1)
+
+
+class MemeDpServerSide(_MemeDp, DifferentialPrivacyServerSideFixedClipping):
+    """``dp-mode=server``: the server clips every update it receives."""
+
+    clips_on_server = True
+
+
+class MemeDpClientSide(_MemeDp, DifferentialPrivacyClientSideFixedClipping):
+    """``dp-mode=client``: clients clip (``dp_clip_mod``); the server checks and noises."""
+
+    clips_on_server = False
+
+
+def wrap_dp(strategy: MemeStrategyMixin):
+    """The strategy that runs the rounds: the meme strategy, or a DP wrapper around it."""
+    cfg = strategy.cfg
+    if not cfg.dp_mode.enabled:
+        return strategy
+    cls = MemeDpServerSide if cfg.dp_mode is DpMode.SERVER else MemeDpClientSide
+    return cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.min_clients)
