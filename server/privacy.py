@@ -34,6 +34,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import DpMode
 from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
+from common.records import record_bytes
 from common.runtime import derive_seed
 from server.strategy import MemeStrategyMixin
 
@@ -61,6 +62,7 @@ class _MemeDp:
             # SecAgg+ gives the mean over the n that completed: back to the sum, over m below
             updates = [{k: ref[k] + n * (v - ref[k]) for k, v in result.mean.items()}]
             norms: list[float] = []
+            inner.run_log.add("bytes_up", n * record_bytes(inner.current_arrays))  # masked
         else:
             accepted = inner._accept(inner._sort_replies(replies))
             contents, updates, norms = [], [], []
