@@ -38,11 +38,17 @@ def load_preset(name: str) -> tuple[dict[str, Any], int]:
         known = sorted(p.stem for p in PRESETS.glob("*.toml") if p.stem != "supernodes")
         raise SystemExit(f"unknown preset {name!r}: expected one of {', '.join(known)}")
     overrides = tomllib.loads(path.read_text())
+    base = overrides.pop("extends", None)
+    if base is not None:  # a variant: the base preset's keys, then its own
+        base_overrides, base_clients = load_preset(str(base))
+        overrides = {**base_overrides, **overrides}
     load_config(overrides)  # fail now, not after an hour of other runs
     clients = tomllib.loads((PRESETS / "supernodes.toml").read_text())
-    if name not in clients:
-        raise SystemExit(f"{PRESETS / 'supernodes.toml'} has no client count for {name!r}")
-    return overrides, int(clients[name])
+    if name in clients:
+        return overrides, int(clients[name])
+    if base is not None:
+        return overrides, base_clients
+    raise SystemExit(f"{PRESETS / 'supernodes.toml'} has no client count for {name!r}")
 
 
 @dataclass

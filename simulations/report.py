@@ -6,6 +6,10 @@ Reads ``<root>/<preset>/<algorithm>-seed<seed>/{metrics,config}.json`` and write
 ``results.md`` (per preset and algorithm: accuracies best and final, mean ± std over seeds,
 wall time, bytes sent), ``accuracy-<preset>.png`` (accuracy per round, mean over seeds with
 a ±std band) and ``labels-<preset>.png`` (each client's label distribution).
+
+Runs with the privacy switches (their config has ``dp-mode``) and ``uniform`` aggregation
+(which DP requires, so the ε = ∞ baseline uses it too) also go into a privacy/utility table
+and ``privacy-utility.png``: accuracy against the ε each run spent.
 """
 
 from __future__ import annotations
@@ -58,6 +62,91 @@ def _mean_std(values: list[float]) -> str:
 
 def _series(records: list[dict[str, Any]], key: str) -> list[float]:
     return [r[key] for r in records if r.get(key) is not None]
+
+
+def _epsilon(run: dict[str, Any]) -> float:
+    """The ε a run spent (inf: no DP, or σ = 0)."""
+    if run["config"].get("dp-mode", "none") == "none":
+        return float("inf")
+    eps = _series(run["records"], "dp_epsilon")
+    return eps[-1] if eps else float("inf")
+
+
+def _eps_text(eps: float) -> str:
+    return "∞" if eps == float("inf") else f"{eps:.2f}"
+
+
+def privacy_runs(runs: dict[str, dict[str, list[dict[str, Any]]]],
+                 ) -> list[tuple[float, str, str, list[dict[str, Any]]]]:
+    """``(ε, preset, algorithm, runs)`` for the privacy/utility comparison, by falling ε."""
+    rows = []
+    for preset, algos in runs.items():
+        for algo, rs in algos.items():
+            if all("dp-mode" in r["config"] and r["config"].get("aggregation") == "uniform"
+                   for r in rs):
+                rows.append((max(_epsilon(r) for r in rs), preset, algo, rs))
+    return sorted(rows, key=lambda t: (-t[0], t[1], ORDER.index(t[2]) if t[2] in ORDER
+                                       else 99))
+
+
+def privacy_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
+    """ε against accuracy: FML's private model and meme, FedAvg's global model."""
+    rows = privacy_runs(runs)
+    if not rows:
+        return ""
+    lines = ["| ε (δ = config) | preset | algorithm | σ | C | private model acc. final "
+             "| meme / global acc. (clients) final | central acc. final |",
+             "|---|---|---|---|---|---|---|---|"]
+    for eps, preset, algo, rs in rows:
+        cfg = rs[0]["config"]
+        dp = cfg.get("dp-mode", "none") != "none"
+        finals = {k: [_series(r["records"], k)[-1] for r in rs if _series(r["records"], k)]
+                  for k in ("local_accuracy", "meme_accuracy", "central_meme_accuracy")}
+        lines.append(
+            f"| {_eps_text(eps)} | {preset} | {algo} | "
+            f"{cfg['dp-noise-multiplier'] if dp else '–'} | "
+            f"{cfg['dp-clipping-norm'] if dp else '–'} | "
+            f"{_mean_std(finals['local_accuracy'])} | {_mean_std(finals['meme_accuracy'])} | "
+            f"{_mean_std(finals['central_meme_accuracy'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_privacy(runs: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> bool:
+    """Final accuracy against ε: FML private model, FML meme, FedAvg/FedProx global."""
+    rows = privacy_runs(runs)
+    if not rows:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({_eps_text(e) for e, *_ in rows},
+                    key=lambda t: -float("inf") if t == "∞" else -float(t))
+    lines: dict[str, dict[str, list[float]]] = defaultdict(dict)
+    for eps, _, algo, rs in rows:
+        for key, what in (("local_accuracy", "private model"), ("meme_accuracy",
+                                                                 "meme" if algo == "fml"
+                                                                 else "global model")):
+            vals = [100 * _series(r["records"], key)[-1] for r in rs
+                    if _series(r["records"], key)]
+            if vals:
+                lines[f"{algo} ({what})"][_eps_text(eps)] = vals
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, points in lines.items():
+        xs = [i for i, t in enumerate(labels) if t in points]
+        means = [float(np.mean(points[labels[i]])) for i in xs]
+        stds = [float(np.std(points[labels[i]])) for i in xs]
+        ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=name)
+    ax.set_xticks(range(len(labels)), [f"ε = {t}" for t in labels])
+    ax.set_ylabel("final accuracy on the clients' test splits (%)")
+    ax.set_title("Privacy/utility: client-level DP on the meme", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 def table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
@@ -166,7 +255,13 @@ def write_report(root: Path, out: Path) -> list[Path]:
     runs = load_runs(root.resolve())
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.md"]
-    (out / "results.md").write_text(f"# Results from {root}\n\n" + table(runs))
+    text = f"# Results from {root}\n\n" + table(runs)
+    privacy = privacy_table(runs)
+    if privacy:
+        text += "\n## Privacy/utility\n\n" + privacy
+    (out / "results.md").write_text(text)
+    if plot_privacy(runs, out / "privacy-utility.png"):
+        written.append(out / "privacy-utility.png")
     for preset, algos in runs.items():
         plot_accuracy(preset, algos, out / f"accuracy-{preset}.png")
         written.append(out / f"accuracy-{preset}.png")

@@ -7,6 +7,7 @@ import matplotlib.image as mpimg
 import pytest
 
 from common.config import load_config
+from common.privacy import Release, epsilon_spent
 from simulations.grid import PRESETS, Job, load_preset, run_grid
 from simulations.report import load_runs, table, write_report
 
@@ -21,6 +22,20 @@ def test_every_preset_is_a_valid_run_config_with_a_client_count():
     dir01 = tomllib.loads((PRESETS / "fmnist-dir0.1.toml").read_text())
     assert dir01["dirichlet-alpha"] == 0.1 and dir01["test-fraction"] == 0.25
     assert dir01["alpha"] == dir01["beta"] == 0.5 and dir01["lr"] == 0.01
+
+
+@pytest.mark.parametrize("target", [8, 4, 1])
+def test_dp_presets_spend_at_most_their_epsilon(target):
+    """Each privacy/utility preset's σ keeps its whole run within the ε in its name."""
+    overrides, clients = load_preset(f"fmnist-dir0.1-dp-eps{target}")
+    base, _ = load_preset("fmnist-dir0.1")
+    cfg = load_config(overrides)
+    assert cfg.dp_mode.enabled and cfg.fraction_train == 1.0
+    assert {k: v for k, v in overrides.items() if k in base} == base  # the base preset
+    assert cfg.aggregation.value == "uniform"
+    spent = epsilon_spent([Release(cfg.dp_noise_multiplier, clients, clients)]
+                          * cfg.num_server_rounds, cfg.dp_delta, subsampled=False)
+    assert target * 0.97 < spent <= target  # and not much more noise than needed
 
 
 @pytest.mark.e2e

@@ -1,0 +1,255 @@
+"""Differential privacy on the meme: clipping, the noised fixed-denominator mean through the
+real DP wrappers, the client clipping mod, and ε against independent reference values."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.privacy_accounting import (
+    GaussianPrivacyEvent,
+    NeighboringRelation,
+    PrivacyConfig,
+    SamplingMethod,
+)
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from scipy.stats import norm as normal
+
+from client.mods import dp_clip_mod
+from common.config import ConfigError, load_config
+from common.privacy import (
+    Release,
+    clip_update,
+    epsilon_spent,
+    noise_for_epsilon,
+    noisy_mean_update,
+    update_norm,
+)
+from server.privacy import MemeDpClientSide, MemeDpServerSide, wrap_dp
+from server.results import RunLog
+from server.strategy import build_strategy
+from server.validate import template_of
+from tests.conftest import make_context, make_message
+
+D = 50_000  # coordinates: enough for a tight statistical check of the noise scale
+
+
+def _ref() -> dict[str, np.ndarray]:
+    return {"w": np.zeros(D, np.float32), "n": np.array(7, np.int64)}
+
+
+def _with_update(direction: np.ndarray, length: float) -> dict[str, np.ndarray]:
+    return {"w": (direction / np.linalg.norm(direction) * length).astype(np.float32),
+            "n": np.array(99, np.int64)}
+
+
+def test_clip_update_bounds_the_norm_keeps_direction_and_integer_buffers():
+    rng = np.random.default_rng(0)
+    ref = {"w": rng.normal(size=1000).astype(np.float32), "n": np.array(3, np.int64)}
+    new = {"w": ref["w"] + rng.normal(size=1000).astype(np.float32) * 5,
+           "n": np.array(40, np.int64)}
+    before = update_norm(new, ref)
+    clipped, norm = clip_update(new, ref, 2.0)
+    assert norm == pytest.approx(before) and before > 100
+    assert update_norm(clipped, ref) == pytest.approx(2.0, rel=1e-5)
+    d_new, d_clip = new["w"] - ref["w"], clipped["w"] - ref["w"]
+    cos = d_new @ d_clip / np.linalg.norm(d_new) / np.linalg.norm(d_clip)
+    assert cos == pytest.approx(1.0, abs=1e-6)
+    assert clipped["n"] == 3 and clipped["n"].dtype == np.int64  # the server's value
+    small = {"w": ref["w"] + 1e-3, "n": ref["n"]}
+    assert np.array_equal(clip_update(small, ref, 2.0)[0]["w"], small["w"])  # inside: as is
+    nan = {"w": np.full(1000, np.nan, np.float32), "n": ref["n"]}
+    assert np.isnan(clip_update(nan, ref, 2.0)[0]["w"]).all()  # left for the validator
+
+
+def test_noisy_mean_uses_the_fixed_denominator():
+    ref = {"w": np.ones(4, np.float32), "n": np.array(1, np.int64)}
+    ups = [{"w": np.ones(4, np.float32) * 3, "n": np.array(9, np.int64)},
+           {"w": np.ones(4, np.float32) * 5, "n": np.array(9, np.int64)}]
+    out = noisy_mean_update(ref, ups, 4, 0.0, np.random.default_rng(0))
+    assert np.allclose(out["w"], 1 + (2 + 4) / 4)  # a missing client counts as no update
+    assert out["n"] == 1
+    with pytest.raises(ValueError, match="num_sampled"):
+        noisy_mean_update(ref, ups, 1, 0.0, np.random.default_rng(0))
+
+
+def _reply(node: int, arrays: dict, error: bool = False) -> Message:
+    meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+                    reply_to_message_id="x", group_id="1", created_at=time.time(),
+                    ttl=3600.0, message_type=MessageType.TRAIN)
+    if error:
+        return Message(Error(code=0, reason="client crashed"), metadata=meta)
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+        "metrics": MetricRecord({"num-examples": 10, "train-loss-meme": 1.0})})
+    return Message(content=content, metadata=meta)
+
+
+def _dp_strategy(tmp_path, mode: str, sigma: float, clip: float = 1.0, sent: int = 3):
+    cfg = load_config({"algorithm": "fedavg", "aggregation": "uniform", "dp-mode": mode,
+                       "dp-noise-multiplier": sigma, "dp-clipping-norm": clip,
+                       "output-dir": str(tmp_path), "run-name": f"{mode}-{sigma}",
+                       "min-clients": 1})
+    log = RunLog.create(cfg)
+    inner = build_strategy(cfg, log)
+    ref = ArrayRecord({k: Array(v) for k, v in _ref().items()})
+    inner.template = template_of(ref)
+    inner.current_arrays = ref
+    inner.population, inner._sent_train = sent, sent
+    log.begin_round(1)
+    return wrap_dp(inner), inner, log
+
+
+@pytest.mark.parametrize("sigma", [0.0, 2.0])
+def test_server_side_dp_clips_every_update_and_noises_at_the_configured_scale(tmp_path,
+                                                                               sigma):
+    dp, inner, log = _dp_strategy(tmp_path, "server", sigma)
+    assert isinstance(dp, MemeDpServerSide)
+    rng = np.random.default_rng(1)
+    dirs = [rng.normal(size=D) for _ in range(2)]
+    lengths = [0.5, 10.0]  # one inside the norm, one clipped to it
+    replies = [_reply(i + 1, _with_update(d, n))
+               for i, (d, n) in enumerate(zip(dirs, lengths, strict=True))]
+    replies.append(_reply(3, {}, error=True))  # a failed client: still m = 3
+    arrays, _ = dp.aggregate_train(1, replies)
+    w = arrays["w"].numpy().astype(np.float64)
+    expected = sum(d / np.linalg.norm(d) * min(n, 1.0)
+                   for d, n in zip(dirs, lengths, strict=True)) / 3
+    residual = w - expected
+    std = sigma * 1.0 / 3
+    if sigma == 0:
+        assert np.allclose(residual, 0, atol=1e-6)
+    else:  # N(0, (σC/m)^2) per coordinate: the sample std within 1.5 % of it, mean ~ 0
+        assert residual.std() == pytest.approx(std, rel=0.015)
+        assert abs(residual.mean()) < 4 * std / math.sqrt(D)
+    assert arrays["n"].numpy() == 7  # integer buffers: the server's, never noised
+    log.end_round()
+    rec = log.records[-1]
+    assert rec["dp_sampled"] == 3 and rec["failed_clients"] == 1
+    assert rec["dp_clipped"] == 1 and rec["dp_noise_std"] == pytest.approx(std)
+    if sigma == 0:
+        assert rec["dp_epsilon"] is None  # infinite: no privacy
+    else:
+        assert rec["dp_epsilon"] == pytest.approx(
+            epsilon_spent([Release(sigma, 3, 3)], 1e-5, subsampled=False))
+
+
+def test_client_side_dp_rejects_an_update_the_client_did_not_clip(tmp_path):
+    dp, inner, log = _dp_strategy(tmp_path, "client", 1.0)
+    assert isinstance(dp, MemeDpClientSide)
+    rng = np.random.default_rng(2)
+    good, bad = rng.normal(size=D), rng.normal(size=D)
+    arrays, _ = dp.aggregate_train(1, [_reply(1, _with_update(good, 1.0)),
+                                       _reply(2, _with_update(bad, 5.0))])
+    log.end_round()
+    assert log.records[-1]["rejected_updates"] == 1
+    assert log.records[-1]["num_clients"] == 1
+    assert arrays is not None
+
+
+def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
+    eps = [epsilon_spent([Release(2.0, 20, 20)] * t, 1e-5, subsampled=False)
+           for t in (1, 5, 10, 20)]
+    assert eps == sorted(eps) and len(set(eps)) == 4
+    by_noise = [epsilon_spent([Release(s, 20, 20)] * 10, 1e-5, subsampled=False)
+                for s in (0.8, 1.5, 3.0, 6.0)]
+    assert by_noise == sorted(by_noise, reverse=True)
+    sub = [epsilon_spent([Release(2.0, m, 20)] * 10, 1e-5, subsampled=True) for m in (5, 10)]
+    assert sub[0] < sub[1]  # fewer sampled: more amplification
+    assert epsilon_spent([Release(0.0, 3, 3)], 1e-5, subsampled=False) == math.inf
+
+
+def _exact_gaussian_epsilon(sigma_eff: float, delta: float) -> float:
+    """The tight (ε, δ) of one Gaussian mechanism (Balle & Wang 2018, Theorem 8), by bisection."""
+    def delta_of(eps: float) -> float:
+        return (normal.cdf(0.5 / sigma_eff - eps * sigma_eff)
+                - math.exp(eps) * normal.cdf(-0.5 / sigma_eff - eps * sigma_eff))
+
+    lo, hi = 0.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if delta_of(mid) > delta else (lo, mid)
+    return hi
+
+
+@pytest.mark.parametrize("sigma,rounds", [(1.0, 10), (2.02, 10), (3.67, 10), (12.8, 10),
+                                          (1.5, 50)])
+def test_epsilon_matches_reference_values(sigma, rounds):
+    """No sampling: T Gaussian releases of σ are one Gaussian of σ/√T, whose exact ε is known
+    in closed form; RDP may only overstate it, and by little. The classic RDP conversion
+    (Mironov 2017) is an upper bound."""
+    ours = epsilon_spent([Release(sigma, 20, 20)] * rounds, 1e-5, subsampled=False)
+    exact = _exact_gaussian_epsilon(sigma / math.sqrt(rounds), 1e-5)
+    classic = min(rounds * a / (2 * sigma**2) + math.log(1e5) / (a - 1)
+                  for a in np.linspace(1.01, 400, 40000))
+    assert exact <= ours <= classic * (1 + 1e-9)
+    assert ours <= exact * 1.25
+
+
+def test_sampled_epsilon_agrees_with_flowers_accountant_at_half_the_noise():
+    """Sampling m of N without replacement is accounted under replace-one neighbours, where
+    the clipped sum moves by 2C: Flower's RDP accountant fed σ/2 must give our number."""
+    cfg = PrivacyConfig(target_delta=1e-5, population_size=20,
+                        neighboring_relation=NeighboringRelation.REPLACE_ONE,
+                        sampling_method=SamplingMethod.WITHOUT_REPLACEMENT)
+    acc = RdpAccountant(cfg)
+    acc.compose(GaussianPrivacyEvent(noise_multiplier=1.5, sample_size=5,
+                                     population_size=20), 10)
+    ours = epsilon_spent([Release(3.0, 5, 20)] * 10, 1e-5, subsampled=True)
+    assert ours == pytest.approx(acc.get_privacy_spent().epsilon, rel=1e-9)
+
+
+def test_noise_for_epsilon_is_the_smallest_noise_within_the_budget():
+    sigma = noise_for_epsilon(4.0, 10, 1e-5, sampled=20, population=20)
+    assert epsilon_spent([Release(sigma, 20, 20)] * 10, 1e-5, subsampled=False) <= 4.0
+    assert epsilon_spent([Release(sigma * 0.99, 20, 20)] * 10, 1e-5, subsampled=False) > 4.0
+
+
+def test_dp_clip_mod_clips_the_reply_to_the_servers_norm():
+    rng = np.random.default_rng(3)
+    sent = ArrayRecord({"w": Array(np.zeros(100, np.float32)),
+                        "n": Array(np.array(2, np.int64))})
+    config = ConfigRecord({"server-round": 1, KEY_CLIPPING_NORM: 0.5})
+    msg = make_message(RecordDict({"arrays": sent, "config": config}))
+    big = rng.normal(size=100).astype(np.float32) * 10
+
+    def handler(m, ctx):
+        return Message(RecordDict({"arrays": ArrayRecord({
+            "w": Array(big), "n": Array(np.array(5, np.int64))}),
+            "metrics": MetricRecord({"num-examples": 1})}), reply_to=m)
+
+    out = dp_clip_mod(msg, make_context({}), handler)
+    w = out.content["arrays"]["w"].numpy()
+    assert np.linalg.norm(w) == pytest.approx(0.5, rel=1e-5)
+    assert out.content["arrays"]["n"].numpy() == 2
+    plain = make_message(RecordDict({"arrays": sent, "config": ConfigRecord(
+        {"server-round": 1})}))
+    assert np.array_equal(dp_clip_mod(plain, make_context({}), handler)
+                          .content["arrays"]["w"].numpy(), big)  # no DP: untouched
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"dp-mode": "server"}, "needs aggregation 'uniform'"),
+    ({"dp-mode": "client", "aggregation": "median"}, "needs aggregation 'uniform'"),
+    ({"dp-mode": "server", "aggregation": "uniform", "algorithm": "local"}, "sends none"),
+    ({"secure-aggregation": True, "aggregation": "krum"}, "needs to see each one"),
+    ({"secure-aggregation": True, "dp-mode": "server", "aggregation": "uniform"},
+     "cannot clip"),
+    ({"secure-aggregation": True, "faults": "nan:1"}, "only 'raise' faults"),
+    ({"secure-aggregation": True, "algorithm": "local"}, "sends none"),
+])
+def test_privacy_switches_that_would_not_protect_are_refused(overrides, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(overrides)
