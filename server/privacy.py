@@ -64,7 +64,7 @@ class _MemeDp:
             norms: list[float] = []
             inner.run_log.add("bytes_up", n * record_bytes(inner.current_arrays))  # masked
         else:
-            accepted = inner._accept(inner._sort_replies(replies))
+            accepted = inner.accept(inner.sort_replies(replies))
             contents, updates, norms = [], [], []
             for m in accepted:
                 record = next(iter(m.content.array_records.values()))
@@ -82,7 +82,7 @@ class _MemeDp:
         if not contents:
             return inner.skip_round()
         metrics = inner.note_accepted(contents)
-        sampled = max(inner._sent_train, len(contents))
+        sampled = max(inner.sent_train, len(contents))
         self.num_sampled_clients = sampled
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
         rnd = server_round + inner.round_offset

@@ -78,7 +78,7 @@ class MemeStrategyMixin:
         self.run_log = run_log
         self.template: Template = {}
         self.round_offset = 0
-        self._sent_train = 0
+        self.sent_train = 0
         self.client_keys: dict[int, int] = {}
         self.client_info: dict[int, MetricRecord] = {}
         self.current_arrays = ArrayRecord()  # the meme sent in the open round
@@ -137,7 +137,7 @@ class MemeStrategyMixin:
         ids = [n for n in grid.get_node_ids() if n in self.client_keys]
         return _OrderedGrid(grid, sorted(ids, key=lambda n: (self.client_keys[n], n)))
 
-    def _sort_replies(self, replies: Iterable[Message]) -> list[Message]:
+    def sort_replies(self, replies: Iterable[Message]) -> list[Message]:
         def key(m: Message) -> tuple[int, int]:
             node = m.metadata.src_node_id
             return self.client_keys.get(node, _UNKNOWN_KEY), node
@@ -156,7 +156,7 @@ class MemeStrategyMixin:
         random.seed(derive_seed(self.cfg.seed, "sample-train", rnd))
         msgs = list(super().configure_train(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
-        self._sent_train = len(msgs)
+        self.sent_train = len(msgs)
         self.current_arrays = arrays
         if self.cfg.secure_aggregation:  # sent by secure_round(), inside aggregate_train
             self._secure_round = (grid, msgs)
@@ -174,12 +174,12 @@ class MemeStrategyMixin:
         return msgs
 
     # ------------------------------------------------------------------ aggregate
-    def _accept(self, replies: list[Message]) -> list[Message]:
+    def accept(self, replies: list[Message]) -> list[Message]:
         """Validated replies; the others are logged with node and reason, and counted."""
         failed = [m for m in replies if m.has_error()]
         for m in failed:
             log(WARNING, "node %d failed this round: %s", m.metadata.src_node_id, m.error.reason)
-        silent = max(self._sent_train - len(replies), 0)
+        silent = max(self.sent_train - len(replies), 0)
         if silent:
             log(WARNING, "%d sampled client(s) did not answer within round-timeout", silent)
         answered = len(replies) - len(failed)
@@ -257,7 +257,7 @@ class MemeStrategyMixin:
         """Validate, then aggregate the memes in client-key order; record the round."""
         if self.cfg.secure_aggregation:
             return self._aggregate_secure(server_round)
-        accepted = self._accept(self._sort_replies(replies))
+        accepted = self.accept(self.sort_replies(replies))
         if not accepted:
             return self.skip_round()
         contents = [m.content for m in accepted]
@@ -293,7 +293,7 @@ class MemeStrategyMixin:
                            ) -> MetricRecord | None:
         """Sample-weighted client accuracies, recorded as local/meme accuracy."""
         metrics = super().aggregate_evaluate(server_round + self.round_offset,
-                                             self._sort_replies(replies))
+                                             self.sort_replies(replies))
         if metrics is not None:
             self.run_log.set(local_accuracy=metrics.get("local-accuracy"),
                              meme_accuracy=metrics.get("meme-accuracy"))

@@ -88,7 +88,8 @@ def test_dp_one_failing_client_does_not_stop_training_and_epsilon_is_accounted(s
     assert eps == [pytest.approx(epsilon_spent([Release(sigma, 4, 4)] * t, 1e-5,
                                                subsampled=False)) for t in (1, 2, 3)]
     assert all(r["dp_noise_std"] == pytest.approx(sigma * 0.5 / 4) for r in records)
-    assert all(r["local_accuracy"] > 0.5 for r in records[1:])  # the private model learns
+    # the private model, never noised, goes on learning (10 classes: chance is 0.1)
+    assert records[-1]["local_accuracy"] > max(0.3, records[0]["local_accuracy"])
 
 
 def test_secure_aggregation_equals_the_plain_average_and_hides_each_meme(simlink, tmp_path):
@@ -132,3 +133,19 @@ def test_secure_aggregation_survives_a_dropped_client_and_fails_loudly_past_thre
     assert "fedmutual summary" not in log
     assert not (tmp_path / "fail" / "meme_final.pt").exists()
     assert (tmp_path / "fail" / "checkpoint.pt").exists()
+
+
+def test_client_dp_under_secure_aggregation_releases_the_same_noised_meme(simlink, tmp_path):
+    """Clients clip before masking, the server noises the unmasked sum: the same meme as
+    client-side DP without SecAgg+ (same per-round noise seed), to within quantization."""
+    common = {"algorithm": "fml", "num-server-rounds": 2, "aggregation": "uniform",
+              "dp-mode": "client", "dp-noise-multiplier": 0.3, "dp-clipping-norm": 0.5}
+    plain, log = _run(simlink, tmp_path, "dp-plain", **common)
+    assert len(plain) == 2, log[-3000:]
+    secure, log = _run(simlink, tmp_path, "dp-secure", **common, **{"secure-aggregation": True})
+    assert len(secure) == 2, log[-3000:]
+    assert log.count("Secure aggregation completed") == 2
+    a = torch.load(tmp_path / "dp-plain" / "meme_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "dp-secure" / "meme_final.pt", weights_only=True)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert [r["dp_epsilon"] for r in secure] == [r["dp_epsilon"] for r in plain]

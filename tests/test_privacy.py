@@ -107,7 +107,7 @@ def _dp_strategy(tmp_path, mode: str, sigma: float, clip: float = 1.0, sent: int
     ref = ArrayRecord({k: Array(v) for k, v in _ref().items()})
     inner.template = template_of(ref)
     inner.current_arrays = ref
-    inner.population, inner._sent_train = sent, sent
+    inner.population, inner.sent_train = sent, sent
     log.begin_round(1)
     return wrap_dp(inner), inner, log
 

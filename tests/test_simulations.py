@@ -9,7 +9,7 @@ import pytest
 from common.config import load_config
 from common.privacy import Release, epsilon_spent
 from simulations.grid import PRESETS, Job, load_preset, run_grid
-from simulations.report import load_runs, table, write_report
+from simulations.report import load_runs, plot_privacy, privacy_table, table, write_report
 
 
 def test_every_preset_is_a_valid_run_config_with_a_client_count():
@@ -67,3 +67,28 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
         img = mpimg.imread(png)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
     assert table(load_runs(tmp_path)) in md
+
+
+def test_privacy_table_orders_runs_by_epsilon_and_plots(tmp_path):
+    def run(eps, local, meme, dp="server"):
+        cfg = {"aggregation": "uniform", "dp-mode": dp, "dp-noise-multiplier": 2.0,
+               "dp-clipping-norm": 1.0}
+        rec = {"local_accuracy": local, "meme_accuracy": meme, "central_meme_accuracy": meme,
+               "dp_epsilon": eps}
+        return {"seed": 0, "config": cfg, "records": [rec]}
+
+    runs = {"p-inf": {"fml": [run(None, 0.95, 0.8, dp="none")], "fedavg": [run(None, None, 0.8,
+                                                                               dp="none")]},
+            "p-eps1": {"fml": [run(0.99, 0.9, 0.1)], "fedavg": [run(0.99, None, 0.1)]},
+            "p-eps8": {"fml": [run(7.9, 0.93, 0.3)]},
+            "plain": {"fml": [{"seed": 0, "config": {"aggregation": "weighted"},
+                               "records": [{"local_accuracy": 0.9}]}]}}
+    text = privacy_table(runs)
+    rows = [line.split(" | ")[:3] for line in text.splitlines()[2:]]
+    assert rows == [["| ∞", "p-inf", "fml"], ["| ∞", "p-inf", "fedavg"],
+                    ["| 7.90", "p-eps8", "fml"], ["| 0.99", "p-eps1", "fml"],
+                    ["| 0.99", "p-eps1", "fedavg"]]
+    assert "| 90.00 | 10.00 | 10.00 |" in text  # FML at eps 0.99: private, meme, central
+    assert plot_privacy(runs, tmp_path / "p.png")
+    assert mpimg.imread(tmp_path / "p.png").shape[2] in (3, 4)
+    assert not privacy_table({"plain": runs["plain"]})
