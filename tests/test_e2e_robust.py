@@ -74,9 +74,15 @@ def test_poisoning_median_and_krum_hold_weighted_breaks(simlink, tmp_path):
     assert acc["weighted"] < acc["clean"] - 0.2
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fml"])
-def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm):
-    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67}
+DP = {"aggregation": "uniform", "dp-mode": "server", "dp-noise-multiplier": 0.5}
+
+
+@pytest.mark.parametrize("algorithm,extra", [("fedavg", {}), ("fml", {}), ("fml", DP)],
+                         ids=["fedavg", "fml", "fml-dp"])
+def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm, extra):
+    """With DP too: the noise of each round is seeded by the round, and ε is recomputed
+    from the released rounds in the checkpoint's records."""
+    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67, **extra}
     full, _ = _run(simlink, tmp_path, "full", **cfg, **{
         "num-server-rounds": 4, "state-dir": str(tmp_path / "state-full")})
     part, _ = _run(simlink, tmp_path, "part", **cfg, **{
@@ -95,3 +101,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorit
     b = torch.load(tmp_path / "part" / "meme_final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
+    if extra:  # 2 of 3 clients sampled: accounted as sampling without replacement
+        assert [r["dp_sampled"] for r in full] == [2] * 4
+        eps = [r["dp_epsilon"] for r in full]
+        assert eps == sorted(eps) and len(set(eps)) == 4
