@@ -330,6 +330,10 @@ def _check_privacy(cfg: Config) -> None:
         raise ConfigError(
             f"run-config key 'secure-aggregation' = true only sums memes: aggregation "
             f"{cfg.aggregation.value!r} needs to see each one; expected 'weighted' or 'uniform'")
+    if cfg.min_clients < 2:
+        raise ConfigError(f"run-config key 'min-clients' = {cfg.min_clients} with "
+                          "secure-aggregation = true: expected >= 2 (the sum of one client's "
+                          "meme is that meme)")
     if cfg.dp_mode is DpMode.SERVER:
         raise ConfigError("run-config key 'dp-mode' = 'server' cannot clip updates that "
                           "secure aggregation hides from the server: use 'client'")

@@ -125,8 +125,9 @@ def main(grid: Grid, context: Context) -> None:
         raise TooFewClients(msg) from None
     except SecureAggregationFailed as exc:
         done = len(run_log.records)
-        msg = (f"fedmutual: secure aggregation failed, the run stops: {exc}. Rounds 1-{done} "
-               f"are kept in {run_log.run_dir} (checkpoint.pt)")
+        kept = (f"rounds 1-{done} are kept in {run_log.run_dir} (checkpoint.pt)" if done
+                else "no round was completed")
+        msg = f"fedmutual: secure aggregation failed, the run stops: {exc}. {kept}"
         log(ERROR, msg)
         raise SecureAggregationFailed(msg) from None
     if cfg.algorithm.trains_meme:

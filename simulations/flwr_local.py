@@ -81,6 +81,17 @@ class SimLink:
         return [str(BIN / "flwr"), "run", str(ROOT), "sim", "--stream",
                 "--federation-config", federation, "--run-config", overrides]
 
+    def last_status(self) -> tuple[str, str]:
+        """``(status, details)`` of the newest run (``flwr ls``): ``flwr run --stream``
+        exits 0 even when the run failed, so this is how a caller learns it."""
+        out = subprocess.run([str(BIN / "flwr"), "ls", "sim", "--format", "json"],
+                             env=self.env, capture_output=True, text=True, cwd=self.home)
+        runs = json.loads(out.stdout).get("runs", [])
+        if not runs:
+            return "", ""
+        last = max(runs, key=lambda r: r.get("pending-at", ""))
+        return str(last.get("status", "")), str(last.get("status-details", ""))
+
     def run(self, run_config: dict[str, Any], supernodes: int = 3, timeout: float = 900,
             **resources: float) -> str:
         """Run to the end; returns everything it printed."""

@@ -130,6 +130,8 @@ def test_secure_aggregation_survives_a_dropped_client_and_fails_loudly_past_thre
                         faults="raise:1@2,raise:2@2,raise:3@2")
     assert [r["round"] for r in records] == [1]  # round 1 kept, nothing after
     assert "secure aggregation failed, the run stops: round 2" in log
+    status, details = simlink.last_status()  # the run itself failed: never "completed"
+    assert status == "finished:failed" and "secure aggregation failed" in details
     assert "fedmutual summary" not in log
     assert not (tmp_path / "fail" / "meme_final.pt").exists()
     assert (tmp_path / "fail" / "checkpoint.pt").exists()

@@ -249,6 +249,7 @@ def test_dp_clip_mod_clips_the_reply_to_the_servers_norm():
      "cannot clip"),
     ({"secure-aggregation": True, "faults": "nan:1"}, "only 'raise' faults"),
     ({"secure-aggregation": True, "algorithm": "local"}, "sends none"),
+    ({"secure-aggregation": True, "min-clients": 1}, "expected >= 2"),
 ])
 def test_privacy_switches_that_would_not_protect_are_refused(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
