@@ -131,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
         priv.server_round, priv.lineage = server_round, lineage
         private.store(context, priv, node)
 
-    metrics = {"num-examples": stats.num_examples}
+    metrics = {"num-examples": stats.num_examples, "skipped-steps": stats.skipped_steps}
     if priv is not None:
         metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
     if meme is not None:

@@ -74,6 +74,7 @@ class TrainStats:
     loss_meme: float | None
     acc_local: float | None
     acc_meme: float | None
+    skipped_steps: int = 0  # optimizer steps not taken because the loss was NaN/Inf
 
 
 def train_epochs(
@@ -102,7 +103,8 @@ def train_epochs(
     for m in models:
         m.train()
     sums = {"ll": 0.0, "lm": 0.0, "cl": 0, "cm": 0}
-    n_seen = 0
+    n_seen = skipped = 0
+    n_loss = {"l": 0, "m": 0}  # samples whose loss was finite (and stepped on)
     x, y = x.to(device), y.to(device)
     for _ in range(hp.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
@@ -112,8 +114,13 @@ def train_epochs(
             out_l = local(xb) if local is not None else None
             out_m = meme(xb) if meme is not None else None
             if mutual:
-                loss_l, loss_m = mutual_losses(out_l, out_m, yb, hp.alpha, hp.beta,
-                                               hp.temperature)
+                # a diverged model (non-finite logits) is never a teacher: the other one
+                # learns from the labels alone, so a meme blown up by DP noise or a bad
+                # learning rate cannot turn the private model into NaNs
+                finite_l, finite_m = bool(out_l.isfinite().all()), bool(out_m.isfinite().all())
+                loss_l, loss_m = mutual_losses(out_l, out_m, yb,
+                                               hp.alpha if finite_m else 1.0,
+                                               hp.beta if finite_l else 1.0, hp.temperature)
             else:
                 loss_l = F.cross_entropy(out_l, yb) if out_l is not None else None
                 loss_m = F.cross_entropy(out_m, yb) if out_m is not None else None
@@ -122,21 +129,25 @@ def train_epochs(
             for loss, opt, key in ((loss_l, opt_local, "l"), (loss_m, opt_meme, "m")):
                 if loss is None:
                     continue
+                if not bool(loss.isfinite()):  # never step on a NaN/Inf loss
+                    skipped += 1
+                    continue
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sums[f"l{key}"] += loss.item() * len(yb)
+                n_loss[key] += len(yb)
             if out_l is not None:
                 sums["cl"] += (out_l.argmax(1) == yb).sum().item()
             if out_m is not None:
                 sums["cm"] += (out_m.argmax(1) == yb).sum().item()
             n_seen += len(yb)
 
-    def mean(key: str, model: nn.Module | None) -> float | None:
-        return None if model is None else sums[key] / max(n_seen, 1)
+    def mean(key: str, model: nn.Module | None, n: int) -> float | None:
+        return None if model is None else (sums[key] / n if n else float("nan"))
 
-    return TrainStats(len(y), mean("ll", local), mean("lm", meme), mean("cl", local),
-                      mean("cm", meme))
+    return TrainStats(len(y), mean("ll", local, n_loss["l"]), mean("lm", meme, n_loss["m"]),
+                      mean("cl", local, n_seen), mean("cm", meme, n_seen), skipped)
 
 
 @torch.no_grad()

@@ -95,18 +95,22 @@ def privacy_table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
     if not rows:
         return ""
     lines = ["| ε (δ = config) | preset | algorithm | σ | C | private model acc. final "
-             "| meme / global acc. (clients) final | central acc. final |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| private model acc. best | meme / global acc. (clients) final "
+             "| central acc. final |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for eps, preset, algo, rs in rows:
         cfg = rs[0]["config"]
         dp = cfg.get("dp-mode", "none") != "none"
         finals = {k: [_series(r["records"], k)[-1] for r in rs if _series(r["records"], k)]
                   for k in ("local_accuracy", "meme_accuracy", "central_meme_accuracy")}
+        best = [max(_series(r["records"], "local_accuracy")) for r in rs
+                if _series(r["records"], "local_accuracy")]
         lines.append(
             f"| {_eps_text(eps)} | {preset} | {algo} | "
             f"{cfg['dp-noise-multiplier'] if dp else '–'} | "
             f"{cfg['dp-clipping-norm'] if dp else '–'} | "
-            f"{_mean_std(finals['local_accuracy'])} | {_mean_std(finals['meme_accuracy'])} | "
+            f"{_mean_std(finals['local_accuracy'])} | {_mean_std(best)} | "
+            f"{_mean_std(finals['meme_accuracy'])} | "
             f"{_mean_std(finals['central_meme_accuracy'])} |")
     return "\n".join(lines) + "\n"
 

@@ -37,7 +37,7 @@ def test_reply_is_only_the_meme_and_metrics():
     for k, v in meme.items():
         assert arrays[k].numpy().shape == tuple(v.shape)
     metrics = content["metrics"]
-    assert set(metrics) == {"num-examples", "train-loss-local", "train-acc-local",
+    assert set(metrics) == {"num-examples", "skipped-steps", "train-loss-local", "train-acc-local",
                             "train-loss-meme", "train-acc-meme"}
     assert all(isinstance(v, int | float) for v in metrics.values())
     # no private tensor leaves: compare every reply array with every private tensor

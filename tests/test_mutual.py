@@ -119,6 +119,37 @@ def test_mutual_training_learns_and_reports_both():
     assert evaluate(local, x, y, torch.device("cpu"))[1] > 0.9
 
 
+def test_a_diverged_meme_never_teaches_the_private_model():
+    """A meme with non-finite weights (a DP-noised meme that blew up) gives NaN logits: the
+    private model must learn from the labels alone, exactly as with α = 1, and stay finite;
+    the meme's NaN steps are skipped and counted."""
+    torch.manual_seed(0)
+    protos = torch.randn(3, 10) * 3
+    y = torch.randint(0, 3, (120,))
+    x = protos[y] + torch.randn(120, 10)
+
+    def fresh():
+        torch.manual_seed(1)
+        m = nn.Linear(10, 3)
+        return m, torch.optim.SGD(m.parameters(), lr=0.1)
+
+    local, ol = fresh()
+    meme = nn.Linear(10, 3)
+    with torch.no_grad():
+        meme.weight[0, 0] = float("inf")
+    stats = train_epochs(local, meme, ol, torch.optim.SGD(meme.parameters(), lr=0.1), x, y,
+                         Hyper(alpha=0.5, beta=0.5, batch_size=16, epochs=2),
+                         torch.Generator().manual_seed(3), torch.device("cpu"))
+    alone, oa = fresh()
+    train_epochs(alone, None, oa, None, x, y, Hyper(batch_size=16, epochs=2),
+                 torch.Generator().manual_seed(3), torch.device("cpu"))
+    assert all(torch.isfinite(p).all() for p in local.parameters())
+    for p, q in zip(local.parameters(), alone.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)  # = CE alone (α = 0.5 ignored for NaN)
+    assert stats.skipped_steps == 2 * math.ceil(120 / 16)  # every meme step
+    assert math.isnan(stats.loss_meme) and math.isfinite(stats.loss_local)
+
+
 def test_proximal_term_pulls_towards_anchor():
     torch.manual_seed(0)
     x, y = torch.randn(64, 5), torch.randint(0, 2, (64,))

@@ -88,7 +88,8 @@ def test_privacy_table_orders_runs_by_epsilon_and_plots(tmp_path):
     assert rows == [["| ∞", "p-inf", "fml"], ["| ∞", "p-inf", "fedavg"],
                     ["| 7.90", "p-eps8", "fml"], ["| 0.99", "p-eps1", "fml"],
                     ["| 0.99", "p-eps1", "fedavg"]]
-    assert "| 90.00 | 10.00 | 10.00 |" in text  # FML at eps 0.99: private, meme, central
+    assert "| 90.00 | 90.00 | 10.00 | 10.00 |" in text  # FML at eps 0.99: private final
+    # and best, meme, central
     assert plot_privacy(runs, tmp_path / "p.png")
     assert mpimg.imread(tmp_path / "p.png").shape[2] in (3, 4)
     assert not privacy_table({"plain": runs["plain"]})
