@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -34,7 +34,6 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import DpMode
 from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
-from common.records import record_bytes
 from common.runtime import derive_seed
 from server.strategy import MemeStrategyMixin
 
@@ -57,12 +56,10 @@ class _MemeDp:
         ref = {k: a.numpy() for k, a in inner.current_arrays.items()}
         if inner.cfg.secure_aggregation:
             result = inner.secure_round(server_round)
-            contents = [RecordDict({"metrics": m}) for m in result.metrics]
-            n = len(contents)
+            contents, n = result.contents, len(result.contents)
             # SecAgg+ gives the mean over the n that completed: back to the sum, over m below
             updates = [{k: ref[k] + n * (v - ref[k]) for k, v in result.mean.items()}]
             norms: list[float] = []
-            inner.run_log.add("bytes_up", n * record_bytes(inner.current_arrays))  # masked
         else:
             accepted = inner.accept(inner.sort_replies(replies))
             contents, updates, norms = [], [], []

@@ -42,7 +42,7 @@ class SecureResult:
     """The unmasked weighted mean of the memes and the replies' (unmasked) metrics."""
 
     mean: dict[str, np.ndarray]
-    metrics: list[MetricRecord]  # one per client that completed the protocol
+    contents: list[RecordDict]  # each completing client's metrics (its memes stay masked)
     failed: int  # sampled clients that dropped out (their masks were removed)
 
 
@@ -121,6 +121,7 @@ def secure_mean(grid: Grid, msgs: Sequence[Message], keys: Sequence[str], server
     if len(mean) != len(keys):
         raise SecureAggregationFailed(f"round {server_round}: SecAgg+ returned {len(mean)} "
                                       f"arrays, the meme has {len(keys)}")
-    metrics = [MetricRecord(dict(fitres.metrics)) for _, fitres in adapter.results]
-    return SecureResult(dict(zip(keys, mean, strict=True)), metrics,
+    contents = [RecordDict({"metrics": MetricRecord(dict(fitres.metrics))})
+                for _, fitres in adapter.results]
+    return SecureResult(dict(zip(keys, mean, strict=True)), contents,
                         failed=len(msgs) - len(adapter.results))

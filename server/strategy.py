@@ -240,15 +240,14 @@ class MemeStrategyMixin:
             log(WARNING, "%d sampled client(s) dropped out of secure aggregation",
                 result.failed)
         self.run_log.set(failed_clients=result.failed)
+        # what went up was masked, but as large as the plain memes
+        self.run_log.add("bytes_up", len(result.contents) * record_bytes(self.current_arrays))
         return result
 
     def _aggregate_secure(self, server_round: int,
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = self.secure_round(server_round)
-        contents = [RecordDict({"metrics": m}) for m in result.metrics]
-        metrics = self.note_accepted(contents)
-        # what went up was masked, but as large as the plain memes
-        self.run_log.add("bytes_up", len(contents) * record_bytes(self.current_arrays))
+        metrics = self.note_accepted(result.contents)
         arrays = ArrayRecord({k: Array(v) for k, v in result.mean.items()})
         return self._restore_dtypes(arrays), metrics
 
