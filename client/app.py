@@ -27,7 +27,7 @@ from common.runtime import derive_seed, resolve_device
 
 app = ClientApp(mods=[audit_mod])
 
-#: legacy record names of the SecAgg+ workflow's train messages (see server/secure.py)
+#: record names of the SecAgg+ workflow's (legacy FitIns) train messages
 _FITINS_ARRAYS, _FITINS_CONFIG = "fitins.parameters", "fitins.config"
 
 

@@ -28,10 +28,6 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
-#: the ArrayRecord / ConfigRecord names of Flower's legacy train messages and replies
-FITINS_ARRAYS, FITINS_CONFIG, FITRES_ARRAYS = "fitins.parameters", "fitins.config", \
-    "fitres.parameters"
-
 
 class SecureAggregationFailed(RuntimeError):
     """A round asked for secure aggregation and did not get it: the run must fail."""
