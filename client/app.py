@@ -8,6 +8,8 @@ reply goes out as ``fitres.*``, masked by the SecAgg+ mod before it leaves.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -110,6 +112,8 @@ def train(msg: Message, context: Context) -> Message:
     if any(f.kind == "raise" for f in faults):
         raise RuntimeError(f"injected fault: client {node.partition_id} raises in round "
                            f"{server_round} (run-config 'faults')")
+    for fault in (f for f in faults if f.kind == "slow"):  # a straggler
+        time.sleep(fault.seconds)
 
     algo = cfg.algorithm
     meme = _meme(cfg, spec, received, device, secure) if algo.trains_meme else None
@@ -142,7 +146,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord()
     if meme is not None:
         state = meme.state_dict()
-        for fault in faults:  # nan / scale: a broken or poisoning client
+        for fault in faults:  # nan / scale: a broken or poisoning client (slow: no change)
             state = apply_to_update(fault, state, received.to_torch_state_dict())
         arrays = to_record(state)
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(metrics)}),

@@ -167,7 +167,8 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("reset-private", bool, False),
     _Key("resume-from", str, ""),
     _Key("faults", str, "", _faults,
-         "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan or scale<FACTOR>"),
+         "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan, scale<FACTOR> "
+         "or slow<SECONDS>"),
     _Key("dp-mode", DpMode, DpMode.NONE),
     _Key("dp-noise-multiplier", float, 1.0, _non_negative, "a number >= 0"),
     _Key("dp-clipping-norm", float, 1.0, _positive, "a number > 0"),

@@ -1,5 +1,5 @@
-"""Injected faults for robustness experiments: a simulated client that raises, sends NaN,
-or sends a scaled (poisoned) update. Set with the run-config key ``faults``.
+"""Injected faults for robustness experiments: a client that raises, sends NaN, sends a
+scaled (poisoned) update, or is a straggler. Set with the run-config key ``faults``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ import torch
 class Fault:
     """An injected fault for robustness experiments: what a simulated client does wrong."""
 
-    kind: str  # "raise", "nan" or "scale"
+    kind: str  # "raise", "nan", "scale" or "slow"
     partition_id: int
     round: int | None = None  # None: every round
     factor: float = 1.0  # for "scale": meme = global + factor * (meme - global)
+    seconds: float = 0.0  # for "slow": extra time before training (a straggler)
 
     def applies(self, partition_id: int | None, server_round: int) -> bool:
         """Whether this fault hits that client in that round."""
@@ -24,18 +25,25 @@ class Fault:
 
 
 def parse_faults(spec: str) -> tuple[Fault, ...]:
-    """``"raise:1@2, nan:2, scale100:3"`` -> faults; ValueError on anything else."""
+    """``"raise:1@2, nan:2, scale100:3, slow30:0@4"`` -> faults; ValueError on anything
+    else (``scale`` and ``slow`` need their number)."""
     faults = []
     for item in filter(None, (i.strip() for i in spec.split(","))):
         kind, _, target = item.partition(":")
         pid, _, rnd = target.partition("@")
-        factor = 1.0
-        if kind.startswith("scale") and kind != "scale":
-            factor, kind = float(kind[5:]), "scale"
-        if kind not in ("raise", "nan", "scale") or not pid.isdigit() or (rnd and not
-                                                                           rnd.isdigit()):
+        factor, seconds = 1.0, 0.0
+        try:
+            if kind.startswith("scale") and kind != "scale":
+                factor, kind = float(kind[5:]), "scale"
+            elif kind.startswith("slow") and kind != "slow":
+                seconds, kind = float(kind[4:]), "slow"
+        except ValueError:
+            raise ValueError(item) from None
+        if (kind not in ("raise", "nan", "scale", "slow") or item.startswith("slow:")
+                or not pid.isdigit()
+                or (rnd and not rnd.isdigit()) or not 0 <= seconds < float("inf")):
             raise ValueError(item)
-        faults.append(Fault(kind, int(pid), int(rnd) if rnd else None, factor))
+        faults.append(Fault(kind, int(pid), int(rnd) if rnd else None, factor, seconds))
     return tuple(faults)
 
 
@@ -43,6 +51,8 @@ def apply_to_update(fault: Fault, trained: dict[str, torch.Tensor],
                     received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The meme a faulty client sends instead of ``trained`` (``received`` is the global)."""
     out = {}
+    if fault.kind not in ("nan", "scale"):
+        return trained
     for k, v in trained.items():
         if not v.is_floating_point():
             out[k] = v

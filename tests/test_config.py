@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.config import SCHEMA, Algorithm, ConfigError, load_config
+from common.faults import Fault
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -33,6 +34,10 @@ def test_pyproject_lists_every_key_with_the_schema_default():
         ("local-models", "cnn,foo", "comma list"),
         ("device", "tpu", "cuda:N"),
         ("lr", True, "> 0"),
+        ("faults", "slow:1", "slow<SECONDS>"),
+        ("faults", "slowabc:1@2", "slow<SECONDS>"),
+        ("faults", "slow-3:1", "slow<SECONDS>"),
+        ("faults", "scale2:x", "KIND:PARTITION[@ROUND]"),
     ],
 )
 def test_bad_value_names_key_value_and_allowed(key, value, allowed):
@@ -57,3 +62,10 @@ def test_types_and_local_model_cycle():
     assert cfg.algorithm is Algorithm.LOCAL and isinstance(cfg.lr, float)
     assert [cfg.local_model_for(p) for p in range(3)] == ["cnn", "mlp", "cnn"]
     assert cfg.local_model_for(None) == "cnn"
+
+
+def test_fault_list_parses_every_kind():
+    cfg = load_config({"faults": "raise:1@2, nan:2, scale100:3, slow7.5:0@4"})
+    assert cfg.fault_list == (Fault("raise", 1, 2), Fault("nan", 2),
+                              Fault("scale", 3, factor=100.0), Fault("slow", 0, 4, seconds=7.5))
+    assert cfg.fault_list[3].applies(0, 4) and not cfg.fault_list[3].applies(0, 3)

@@ -33,6 +33,17 @@ def test_raising_and_nan_clients_do_not_stop_the_run(simlink, tmp_path):
     assert "non-finite values" in log
 
 
+def test_a_straggler_is_cut_off_at_round_timeout_and_the_run_goes_on(simlink, tmp_path):
+    records, log = _run(simlink, tmp_path, "slow", **{
+        "num-server-rounds": 2, "round-timeout": 10.0, "faults": "slow40:1@1",
+        "algorithm": "fml"})
+    assert [r["round"] for r in records] == [1, 2]
+    assert records[0]["failed_clients"] == 1 and records[0]["num_clients"] == 2
+    assert records[1]["failed_clients"] == 0 and records[1]["num_clients"] == 3
+    assert records[0]["seconds"] < 40  # the round did not wait for the straggler
+    assert "did not answer within round-timeout" in log
+
+
 def test_bad_client_data_answers_with_an_error_and_the_round_goes_on(simlink, tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
