@@ -76,7 +76,7 @@ def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
             "final_central_accuracy": central}
 
 
-def flower(run_config: dict[str, Any], clients: int, cpus: float, gpus: float,
+def flower(run_config: dict[str, Any], clients: int, cpus: int, gpus: float,
            out: Path) -> dict[str, Any]:
     """The same job through ``flwr run`` on a simulation SuperLink of our own."""
     with tempfile.TemporaryDirectory(prefix="fedmutual-bench-") as home, \
@@ -101,7 +101,8 @@ def main() -> None:
     p.add_argument("--model", default="cnn")
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--cpus-per-client", type=float, default=1)
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="whole CPUs per simulated client (Flower 1.42 takes integers only)")
     p.add_argument("--gpus-per-client", type=float, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "overhead.json")

@@ -72,7 +72,7 @@ class SimLink:
             time.sleep(0.5)
         raise RuntimeError("superlink did not open its port in 60 s")
 
-    def command(self, run_config: dict[str, Any], supernodes: int, cpus_per_client: float = 1,
+    def command(self, run_config: dict[str, Any], supernodes: int, cpus_per_client: int = 1,
                 gpus_per_client: float = 0) -> list[str]:
         """The ``flwr run . sim --stream`` command line for these overrides."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())

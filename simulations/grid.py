@@ -86,7 +86,7 @@ def _progress(job: Job, index: int, total: int, rounds: int, stop: threading.Eve
 
 
 def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[int],
-             out: Path, cpus_per_client: float = 1, gpus_per_client: float = 0,
+             out: Path, cpus_per_client: int = 1, gpus_per_client: float = 0,
              extra: dict[str, Any] | None = None) -> list[Job]:
     """Run every missing cell; returns the jobs (run folders under ``out``)."""
     out = out.resolve()
@@ -151,7 +151,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--algorithms", nargs="+", default=[a.value for a in Algorithm])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "grid")
-    p.add_argument("--cpus-per-client", type=float, default=1)
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="whole CPUs per simulated client (Flower 1.42 takes integers only)")
     p.add_argument("--gpus-per-client", type=float, default=0)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="run-config overrides on top of every preset (TOML values)")

@@ -32,23 +32,31 @@ def dep(tmp_path_factory):
         yield d
 
 
-def _restart(dep: Deployment, name: str, pid: int, deadline: float) -> None:
-    """Start the node again until the SuperLink takes it (it refuses a killed node's key
-    as long as it still sees that node online, until its heartbeat lapses)."""
+def _wait_until_taken(dep: Deployment, name: str, proc, start: int, deadline: float) -> bool:
+    """Whether the SuperLink took this SuperNode (it logged its node ID after offset
+    ``start`` of its log) before it was refused or exited."""
     log = dep.root / f"{name}.log"
     while True:
-        start = len(log.read_text())
-        proc = dep.supernode(name, _node_config(dep, name, pid))
-        while True:
-            segment = log.read_text()[start:]
-            if "SuperNode ID" in segment:
-                return
-            if "Failed to activate" in segment or proc.poll() is not None:
-                break
-            assert time.time() < deadline, segment[-2000:]
-            time.sleep(0.5)
-        dep.stop(name)
+        segment = log.read_text()[start:]
+        if "SuperNode ID" in segment:
+            return True
+        if "Failed to activate" in segment or proc.poll() is not None:
+            return False
         assert time.time() < deadline, segment[-2000:]
+        time.sleep(0.5)
+
+
+def _start(dep: Deployment, name: str, pid: int, deadline: float) -> None:
+    """Start the node until the SuperLink takes it (it refuses a killed node's key as
+    long as it still sees that node online, until its heartbeat lapses)."""
+    log = dep.root / f"{name}.log"
+    while True:
+        start = len(log.read_text()) if log.exists() else 0
+        proc = dep.supernode(name, _node_config(dep, name, pid))
+        if _wait_until_taken(dep, name, proc, start, deadline):
+            return
+        dep.stop(name)
+        assert time.time() < deadline, log.read_text()[-2000:]
         time.sleep(2)
 
 
@@ -69,10 +77,12 @@ def test_unregistered_node_and_node_without_ca_are_refused(dep):
 def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
     for name, pid in (("n0", 0), ("n1", 1)):
         assert "registered successfully" in dep.register(name)
-        dep.supernode(name, _node_config(dep, name, pid))
-    # n1 is a straggler in round 2, so the kill lands while it holds round 2's message
+        _start(dep, name, pid, deadline=time.time() + 120)  # both in from round 1
+    # n1 is a straggler in round 2, so the kill lands while it holds round 2's message;
+    # n0 one in round 3, so n1 is back (its old self's heartbeat lapsed) before round 4
     out = dep.run({**RUN, "num-server-rounds": 4, "round-timeout": 60.0,
-                   "faults": "slow45:1@2", "output-dir": str(tmp_path), "run-name": "tls"})
+                   "faults": "slow45:1@2,slow30:0@3", "output-dir": str(tmp_path),
+                   "run-name": "tls"})
     assert "Traceback" not in out, out
     metrics = tmp_path / "tls" / "metrics.json"
     wait_for_rounds(metrics, 1, timeout=180)
@@ -84,10 +94,11 @@ def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
         assert time.time() < deadline, n1_log.read_text()[-2000:]
         time.sleep(0.5)
     dep.stop("n1", signal.SIGKILL)
-    _restart(dep, "n1", 1, deadline=time.time() + 150)
+    _start(dep, "n1", 1, deadline=time.time() + 150)
     records = wait_for_rounds(metrics, 4, timeout=300)
     assert [r["round"] for r in records] == [1, 2, 3, 4]
     assert records[1]["failed_clients"] == 1  # n1 never answered round 2
+    assert records[3]["num_clients"] == 2  # the restarted n1 trained in round 4
     after = read_state_file(state)
     assert after["node_round"] > before >= 1  # its counter went on from the saved round
     # and its private model is a trained one, not a fresh initialisation
