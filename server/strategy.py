@@ -84,17 +84,25 @@ class MemeStrategyMixin:
         self.current_arrays = ArrayRecord()  # the meme sent in the open round
         self.population = 0  # clients connected when the open round sampled
         self._secure_round: tuple[Grid, list[Message]] | None = None
+        self._unidentified: set[int] = set()  # silent at identification: asked again
 
     # ------------------------------------------------------------------ identification
     def identify(self, grid: Grid) -> None:
-        """Ask every not-yet-known connected node for its client key (one QUERY each)."""
-        new = [n for n in grid.get_node_ids() if n not in self.client_keys]
+        """Ask every not-yet-known connected node for its client key (one QUERY each).
+
+        A node that stays silent past ``round-timeout`` (a slow cold start) sorts last by
+        node id this round, which is not reproducible, and is asked again next round."""
+        new = [n for n in grid.get_node_ids()
+               if n not in self.client_keys or n in self._unidentified]
         if not new:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
+        answered = set()
         for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
             node = reply.metadata.src_node_id
+            answered.add(node)
+            self._unidentified.discard(node)
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
@@ -102,6 +110,11 @@ class MemeStrategyMixin:
             self.client_keys[node] = int(metrics["client-key"])
             self.client_info[node] = metrics
         for node in new:
+            if node not in answered and node not in self._unidentified:
+                log(WARNING, "node %d did not identify itself within round-timeout=%g s: it "
+                    "is sampled by node id (not reproducible) until it does", node,
+                    self.cfg.round_timeout)
+                self._unidentified.add(node)
             self.client_keys.setdefault(node, _UNKNOWN_KEY + node % 2**61)
 
     def max_weight(self) -> float | None:

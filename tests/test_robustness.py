@@ -234,3 +234,48 @@ def test_update_validator_never_raises(arrays, weight):
           and isinstance(weight, int | float) and not isinstance(weight, bool)
           and math.isfinite(weight) and 0 < weight <= 100)
     assert (reason is None) == ok, reason
+
+
+class _ColdStartGrid:
+    """Three connected nodes; only those in ``awake`` answer a query (the others are
+    still starting, as a node whose ClientApp is slow to load)."""
+
+    def __init__(self) -> None:
+        self.awake: set[int] = {11}
+        self.asked: list[list[int]] = []
+
+    def get_node_ids(self) -> list[int]:
+        return [33, 11, 22]
+
+    def send_and_receive(self, msgs, timeout):
+        self.asked.append([m.metadata.dst_node_id for m in msgs])
+        for m in msgs:
+            node = m.metadata.dst_node_id
+            if node in self.awake:
+                meta = Metadata(run_id=1, message_id=f"q{node}", src_node_id=node,
+                                dst_node_id=0, reply_to_message_id="x", group_id="",
+                                created_at=time.time(), ttl=3600.0,
+                                message_type=MessageType.QUERY)
+                yield Message(content=RecordDict({"metrics": MetricRecord(
+                    {"client-key": node // 11 - 1, "num-train": 10})}), metadata=meta)
+
+
+def test_a_node_silent_at_identification_is_asked_again_and_then_sorted_by_its_key(
+        tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)  # as the ServerApp process has it
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    strat, _ = _strategy(tmp_path)
+    grid = _ColdStartGrid()  # client keys: node 11 -> 0, 22 -> 1, 33 -> 2
+    assert strat._ordered(grid).get_node_ids() == [11, 22, 33]  # silent: last, by node id
+    assert grid.asked == [[33, 11, 22]]
+    grid.awake = {11, 33}
+    assert strat._ordered(grid).get_node_ids() == [11, 33, 22]  # 33 known now, 22 not
+    assert grid.asked[1] == [33, 22]  # only the silent ones are asked again
+    grid.awake = {11, 22, 33}
+    assert strat._ordered(grid).get_node_ids() == [11, 22, 33]
+    assert grid.asked[2] == [22]
+    strat._ordered(grid)
+    assert len(grid.asked) == 3  # everyone known: no more queries
