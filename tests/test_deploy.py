@@ -110,6 +110,25 @@ def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
     assert dep.run_statuses(timeout=120) == ["finished:completed"]
 
 
+def test_secure_aggregation_with_client_dp_over_tls(dep, tmp_path):
+    """SecAgg+ (with client-side clipping) between real processes: both nodes' masked
+    memes are summed, their private models go on."""
+    states = [dep.root / "state" / n / f"private-{i}.pt" for i, n in enumerate(("n0", "n1"))]
+    before = [read_state_file(s)["node_round"] for s in states]
+    out = dep.run({**RUN, "num-server-rounds": 2, "round-timeout": 120.0, "min-clients": 2,
+                   "secure-aggregation": True, "dp-mode": "client", "aggregation": "uniform",
+                   "dp-noise-multiplier": 0.1, "output-dir": str(tmp_path),
+                   "run-name": "secure"})
+    assert "Traceback" not in out, out
+    records = wait_for_rounds(tmp_path / "secure" / "metrics.json", 2, timeout=400)
+    assert [(r["num_clients"], r["failed_clients"]) for r in records] == [(2, 0), (2, 0)]
+    assert 0 < records[0]["dp_epsilon"] < records[1]["dp_epsilon"]
+    assert dep.run_statuses(timeout=120) == ["finished:completed"] * 2
+    assert [read_state_file(s)["node_round"] for s in states] == [b + 2 for b in before]
+    meme = torch.load(tmp_path / "secure" / "meme_final.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in meme.values())
+
+
 def test_corrupt_state_file_is_refused_and_the_round_goes_on(dep, tmp_path):
     state = dep.root / "state" / "n0" / "private-0.pt"
     assert state.exists(), "runs after the previous test"
