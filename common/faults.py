@@ -32,15 +32,14 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
         kind, _, target = item.partition(":")
         pid, _, rnd = target.partition("@")
         factor, seconds = 1.0, 0.0
-        try:
-            if kind.startswith("scale") and kind != "scale":
+        try:  # the number is part of the kind: scale100, slow30
+            if kind.startswith("scale"):
                 factor, kind = float(kind[5:]), "scale"
-            elif kind.startswith("slow") and kind != "slow":
+            elif kind.startswith("slow"):
                 seconds, kind = float(kind[4:]), "slow"
         except ValueError:
             raise ValueError(item) from None
-        if (kind not in ("raise", "nan", "scale", "slow") or item.startswith("slow:")
-                or not pid.isdigit()
+        if (kind not in ("raise", "nan", "scale", "slow") or not pid.isdigit()
                 or (rnd and not rnd.isdigit()) or not 0 <= seconds < float("inf")):
             raise ValueError(item)
         faults.append(Fault(kind, int(pid), int(rnd) if rnd else None, factor, seconds))
@@ -50,9 +49,9 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
 def apply_to_update(fault: Fault, trained: dict[str, torch.Tensor],
                     received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The meme a faulty client sends instead of ``trained`` (``received`` is the global)."""
-    out = {}
     if fault.kind not in ("nan", "scale"):
         return trained
+    out = {}
     for k, v in trained.items():
         if not v.is_floating_point():
             out[k] = v

@@ -35,6 +35,7 @@ def test_pyproject_lists_every_key_with_the_schema_default():
         ("device", "tpu", "cuda:N"),
         ("lr", True, "> 0"),
         ("faults", "slow:1", "slow<SECONDS>"),
+        ("faults", "scale:1", "scale<FACTOR>"),
         ("faults", "slowabc:1@2", "slow<SECONDS>"),
         ("faults", "slow-3:1", "slow<SECONDS>"),
         ("faults", "scale2:x", "KIND:PARTITION[@ROUND]"),
