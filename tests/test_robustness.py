@@ -24,10 +24,15 @@ TEMPLATE_ARRAYS = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float3
                    "n": np.array(0, np.int64)}
 
 
-def _reply(node: int, arrays: dict, weight=10, **extra_metrics) -> Message:
-    meta = Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
+def _meta(node: int, message_type: str = MessageType.TRAIN) -> Metadata:
+    """The metadata of a reply from ``node`` to the server."""
+    return Metadata(run_id=1, message_id=f"r{node}", src_node_id=node, dst_node_id=0,
                     reply_to_message_id="x", group_id="1", created_at=time.time(),
-                    ttl=3600.0, message_type=MessageType.TRAIN)
+                    ttl=3600.0, message_type=message_type)
+
+
+def _reply(node: int, arrays: dict, weight=10, **extra_metrics) -> Message:
+    meta = _meta(node)
     metrics = {"num-examples": weight, "train-loss-meme": 1.0, **extra_metrics}
     if weight is None:
         del metrics["num-examples"]
@@ -252,12 +257,9 @@ class _ColdStartGrid:
         for m in msgs:
             node = m.metadata.dst_node_id
             if node in self.awake:
-                meta = Metadata(run_id=1, message_id=f"q{node}", src_node_id=node,
-                                dst_node_id=0, reply_to_message_id="x", group_id="",
-                                created_at=time.time(), ttl=3600.0,
-                                message_type=MessageType.QUERY)
                 yield Message(content=RecordDict({"metrics": MetricRecord(
-                    {"client-key": node // 11 - 1, "num-train": 10})}), metadata=meta)
+                    {"client-key": node // 11 - 1, "num-train": 10})}),
+                    metadata=_meta(node, MessageType.QUERY))
 
 
 def test_a_node_silent_at_identification_is_asked_again_and_then_sorted_by_its_key(
