@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.compat.common import recorddict_compat as compat
 from flwr.compat.common.typing import Code, FitRes, Status
@@ -51,22 +51,31 @@ def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientD
 
 def _meme(cfg: Config, spec: TaskSpec, arrays: ArrayRecord, device: torch.device,
           positional: bool = False):
-    """The meme as received; ``positional``: legacy records key arrays "0", "1", ..."""
+    """The meme as received; ``positional``: the SecAgg+ (legacy) records key the meme's
+    floating arrays "0", "1", ... (its integer counters stay out of the masked vector)."""
     meme = build_model(cfg.meme_model, spec)
     if positional:
-        keys = list(meme.state_dict())
+        state = meme.state_dict()
+        keys = _secure_keys(state)
         if len(arrays) != len(keys):
             raise ValueError(f"meme received from the server has {len(arrays)} arrays, the "
-                             f"'{cfg.meme_model}' meme has {len(keys)}")
-        arrays = ArrayRecord({k: arrays[str(i)] for i, k in enumerate(keys)})
+                             f"'{cfg.meme_model}' meme has {len(keys)} floating arrays")
+        arrays = ArrayRecord({k: (arrays[str(keys.index(k))] if k in keys
+                                  else Array(state[k].numpy())) for k in state})
     load_into(meme, arrays, what="meme received from the server")
     return meme.to(device)
+
+
+def _secure_keys(state: dict[str, torch.Tensor]) -> list[str]:
+    """What SecAgg+ sums: the floating arrays (weights and BatchNorm statistics)."""
+    return [k for k, v in state.items() if v.is_floating_point()]
 
 
 def _secure_reply(cfg: Config, state: dict[str, torch.Tensor], num_examples: int,
                   metrics: dict) -> RecordDict:
     """The legacy ``fitres.*`` reply the SecAgg+ mod masks (positional arrays + weight)."""
     limit = cfg.secagg_clipping_range
+    state = {k: state[k] for k in _secure_keys(state)}
     for k, v in state.items():
         top = float(v.detach().abs().max()) if v.numel() else 0.0
         if not np.isfinite(top) or top > limit:

@@ -11,6 +11,7 @@ an error naming it; only ``reset-private=true`` starts afresh.
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from common.runtime import derive_seed
 _MODEL, _OPTIM, _OPTIM_SCALARS, _META = (
     "private-model", "private-optimizer", "private-optimizer-scalars", "private-meta",
 )
+_NODE_KEY = "node-key"  # the file in the state folder, and the record in context.state
 FILE_FORMAT = 1
 
 
@@ -38,20 +40,14 @@ class PrivateStateError(RuntimeError):
 
 @dataclass(frozen=True)
 class NodeInfo:
-    """What a node knows about itself: its partition (simulation), its model, its data."""
+    """What a node knows about itself: its identity, partition, model, data and state folder."""
 
     partition_id: int | None
     num_partitions: int
     local_model: str
     data_path: str
     state_dir: str
-
-    @property
-    def client_key(self) -> int:
-        """A run-independent identity: the partition id, else derived from the data path."""
-        if self.partition_id is not None:
-            return self.partition_id
-        return derive_seed("data-path", self.data_path) % 2**53
+    client_key: int
 
     @property
     def state_file(self) -> Path | None:
@@ -70,9 +66,43 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
     if local_model not in MODEL_NAMES:
         raise ValueError(f"node-config key 'local-model' = {local_model!r} is invalid: "
                          f"expected one of {', '.join(MODEL_NAMES)}")
+    state_dir = str(nc.get("state-dir", "")) or cfg.state_dir
     return NodeInfo(pid, int(nc.get("num-partitions", 1)), local_model,
-                    str(nc.get("data-path", "")) or cfg.data_path,
-                    str(nc.get("state-dir", "")) or cfg.state_dir)
+                    str(nc.get("data-path", "")) or cfg.data_path, state_dir,
+                    client_key(context, pid, state_dir))
+
+
+def client_key(context: Context, partition_id: int | None, state_dir: str) -> int:
+    """The node's identity, unique per node and stable across its runs where it can be.
+
+    In order: the node config's ``client-key``; its ``partition-id`` (simulation); a random
+    key created once and kept in ``<state-dir>/node-key``; else a random key kept in
+    ``context.state`` for this run. Never derived from the data path: two devices with the
+    same path would share shuffling, initialisation and state file.
+    """
+    explicit = context.node_config.get("client-key")
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or not (
+                0 <= explicit < 2**53):
+            raise ValueError(f"node-config key 'client-key' = {explicit!r} is invalid: "
+                             "expected an integer in [0, 2^53)")
+        return explicit
+    if partition_id is not None:
+        return partition_id
+    if state_dir:
+        path = Path(state_dir).expanduser().resolve() / _NODE_KEY
+        if path.exists():
+            text = path.read_text().strip()
+            if not text.isdigit() or int(text) >= 2**53:
+                raise PrivateStateError(f"node key file {path} holds {text[:40]!r}, expected "
+                                        "one integer in [0, 2^53); remove it for a new key")
+            return int(text)
+        key = secrets.randbits(53)
+        atomic_write(path, lambda f: f.write(f"{key}\n".encode()))
+        return key
+    if _NODE_KEY not in context.state.config_records:
+        context.state[_NODE_KEY] = ConfigRecord({"key": secrets.randbits(53)})
+    return int(context.state.config_records[_NODE_KEY]["key"])
 
 
 @dataclass

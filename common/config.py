@@ -8,6 +8,7 @@ Flower hands the ServerApp and every ClientApp the same ``context.run_config``. 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum, StrEnum
@@ -112,6 +113,21 @@ def _faults(v: str) -> bool:
     return True
 
 
+def _floats(v: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in v.split(","))
+
+
+def _float_list(each: Callable[[float], bool]) -> Callable[[str], bool]:
+    def check(v: str) -> bool:
+        try:
+            values = _floats(v)
+        except ValueError:
+            return False
+        return all(math.isfinite(x) and each(x) for x in values)
+
+    return check
+
+
 def _model_list(v: str) -> bool:
     names = [n.strip() for n in v.split(",")] if v.strip() else []
     return all(n in MODEL_NAMES for n in names)
@@ -157,6 +173,11 @@ SCHEMA: tuple[_Key, ...] = (
     ),
     _Key("data-dir", str, ""),
     _Key("data-path", str, ""),
+    _Key("npz-mean", str, "0", _float_list(lambda v: True), "a comma list of numbers"),
+    _Key("npz-std", str, "1", _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
+    _Key("num-classes", int, 0, _non_negative,
+         "an integer >= 0 (0: for npz, one more than the largest label the first "
+         "min-clients nodes report)"),
     _Key("partitioner", Partitioner, Partitioner.DIRICHLET),
     _Key("dirichlet-alpha", float, 0.1, _positive, "a number > 0"),
     _Key("classes-per-client", int, 2, _positive, "an integer >= 1"),
@@ -214,6 +235,9 @@ class Config:
     dataset: str
     data_dir: str
     data_path: str
+    npz_mean: str
+    npz_std: str
+    num_classes: int
     partitioner: Partitioner
     dirichlet_alpha: float
     classes_per_client: int
@@ -248,6 +272,16 @@ class Config:
     def fault_list(self) -> tuple[Fault, ...]:
         """The parsed ``faults`` key."""
         return parse_faults(self.faults)
+
+    @property
+    def npz_mean_values(self) -> tuple[float, ...]:
+        """``npz-mean`` parsed: one value, or one per channel."""
+        return _floats(self.npz_mean)
+
+    @property
+    def npz_std_values(self) -> tuple[float, ...]:
+        """``npz-std`` parsed: one value, or one per channel."""
+        return _floats(self.npz_std)
 
     def local_model_for(self, partition_id: int | None) -> str:
         """The private model's architecture: ``local-models`` cycled by partition id."""

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -178,15 +179,22 @@ def _fixed_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     return train_test_split(n, test_fraction, seed=0)
 
 
-def _normalise(arrays: dict[str, np.ndarray]) -> ArrayDataset:
-    """uint8 -> [0, 1], then standardise per channel with the train set's statistics."""
+def _normalise(arrays: dict[str, np.ndarray],
+               stats: tuple[Sequence[float], Sequence[float]] | None = None) -> ArrayDataset:
+    """uint8 -> [0, 1], then standardise per channel: with ``stats`` (mean, std) where
+    given, else with the train set's own statistics (right for a built-in dataset, whose
+    train set is the same on every node; never for a node's own file)."""
     x_train = arrays["x_train"]
     if x_train.ndim == 3:
         arrays = {k: (v[:, None] if k.startswith("x_") else v) for k, v in arrays.items()}
     scale = 255.0 if arrays["x_train"].dtype == np.uint8 else 1.0
     xs = {k: arrays[k].astype(np.float32) / scale for k in ("x_train", "x_test") if k in arrays}
-    mean = xs["x_train"].mean(axis=(0, 2, 3), keepdims=True)
-    std = xs["x_train"].std(axis=(0, 2, 3), keepdims=True) + 1e-6
+    if stats is not None:
+        mean = np.asarray(stats[0], np.float32).reshape(1, -1, 1, 1)
+        std = np.asarray(stats[1], np.float32).reshape(1, -1, 1, 1)
+    else:
+        mean = xs["x_train"].mean(axis=(0, 2, 3), keepdims=True)
+        std = xs["x_train"].std(axis=(0, 2, 3), keepdims=True) + 1e-6
     xs = {k: np.ascontiguousarray((v - mean) / std) for k, v in xs.items()}
     y_train = np.asarray(arrays["y_train"], dtype=np.int64)
     y_test = np.asarray(arrays["y_test"], dtype=np.int64) if "y_test" in arrays else None
@@ -277,10 +285,14 @@ def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
 
 
 # --------------------------------------------------------------------------- npz (own data)
-def load_npz(path: str | os.PathLike) -> ArrayDataset:
+def load_npz(path: str | os.PathLike, mean: Sequence[float] = (0.0,),
+             std: Sequence[float] = (1.0,)) -> ArrayDataset:
     """A node's own data: ``x`` (N,H,W | N,C,H,W | N,H,W,C), int ``y``; optional test arrays.
 
-    Loaded with ``allow_pickle=False``: an .npz may come from anywhere.
+    Every node maps its pixels the same way, so the shared meme sees one input space:
+    uint8 images are divided by 255, then ``(x - mean) / std`` with the federation-wide
+    ``npz-mean`` / ``npz-std`` (one value, or one per channel). Loaded with
+    ``allow_pickle=False``: an .npz may come from anywhere.
     """
     p = Path(path).expanduser().resolve()
     if not p.is_file():
@@ -313,7 +325,12 @@ def load_npz(path: str | os.PathLike) -> ArrayDataset:
         if y.min() < 0:
             raise DataError(f"data file {p}: '{yk}' has negative labels")
         out[f"x_{split}"], out[f"y_{split}"] = x, y
-    return _normalise(out)
+    channels = out["x_train"].shape[1] if out["x_train"].ndim == 4 else 1
+    for name, values in (("npz-mean", mean), ("npz-std", std)):
+        if len(values) not in (1, channels):
+            raise DataError(f"data file {p} has {channels}-channel images, but run-config key "
+                            f"'{name}' has {len(values)} values: expected 1 or {channels}")
+    return _normalise(out, ([*mean] * (channels // len(mean)), [*std] * (channels // len(std))))
 
 
 def resolve_data_path(template: str, partition_id: int | None) -> str:
@@ -382,7 +399,8 @@ def _client_data_cached(cfg: Config, partition_id: int | None, num_partitions: i
         if not data_path:
             raise DataError("dataset 'npz' but no data file: set 'data-path' in the run config "
                             "or in this node's --node-config")
-        ds = load_npz(resolve_data_path(data_path, partition_id))
+        ds = load_npz(resolve_data_path(data_path, partition_id), cfg.npz_mean_values,
+                      cfg.npz_std_values)
         if ds.x_test is not None:
             x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
         else:

@@ -50,6 +50,23 @@ def cnn(spec: TaskSpec) -> nn.Module:
     )
 
 
+def cnn_bn(spec: TaskSpec) -> nn.Module:
+    """:func:`cnn` with BatchNorm after each convolution (FedBN's setting): the small model
+    whose state holds statistics buffers and an integer counter besides its weights."""
+    pad = 0 if spec.size >= 16 else 2
+    features = nn.Sequential(
+        nn.Conv2d(spec.channels, 32, 5, padding=pad), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=pad), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    features.eval()  # shape inference must not touch the running statistics
+    flat = _flat_dim(features, spec)
+    features.train()
+    return nn.Sequential(features, nn.Linear(flat, 512), nn.ReLU(),
+                         nn.Linear(512, spec.num_classes))
+
+
 def mlp(spec: TaskSpec) -> nn.Module:
     """The FedAvg paper's 2NN: two hidden layers of 200 units."""
     d = spec.channels * spec.size * spec.size
@@ -80,6 +97,7 @@ def resnet18(spec: TaskSpec) -> nn.Module:
 
 MODELS: dict[str, Callable[[TaskSpec], nn.Module]] = {
     "cnn": cnn,
+    "cnn-bn": cnn_bn,
     "mlp": mlp,
     "cnn-cifar": cnn_cifar,
     "resnet18": resnet18,

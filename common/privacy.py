@@ -17,6 +17,7 @@ Accounting uses Google's ``dp-accounting`` (RDP), the backend of Flower's own ac
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,14 +60,47 @@ def clip_update(new: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
     return out, norm
 
 
+def secure_normal(shape: tuple[int, ...], std: float) -> np.ndarray:
+    """``N(0, std²)`` samples (float64) from the operating system's CSPRNG (``os.urandom``).
+
+    DP noise must be unpredictable to whoever holds the run config, the outputs or the
+    checkpoint: a seeded generator lets anyone who knows the seed subtract the noise.
+    Box-Muller on 53-bit uniforms; ``u1`` lies in (0, 1] so the logarithm is finite.
+    """
+    n = math.prod(shape)
+    pairs = (n + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * pairs), dtype=np.uint64).reshape(2, pairs)
+    u1 = ((raw[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0**-53
+    u2 = (raw[1] >> np.uint64(11)).astype(np.float64) * 2.0**-53
+    radius = np.sqrt(-2.0 * np.log(u1))
+    z = np.concatenate([radius * np.cos(2 * np.pi * u2), radius * np.sin(2 * np.pi * u2)])
+    return std * z[:n].reshape(shape)
+
+
+def fix_statistics(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Post-process a noised meme so its BatchNorm statistics stay usable.
+
+    ``running_var`` is a variance: noise can push it below zero (NaN in evaluation), so it
+    is clamped at 0 (BatchNorm adds its own eps). Post-processing costs no privacy.
+    """
+    for k, v in out.items():
+        if k.endswith("running_var"):
+            np.maximum(v, 0, out=v)
+    return out
+
+
 def noisy_mean_update(ref: Mapping[str, np.ndarray],
                       clipped: Sequence[Mapping[str, np.ndarray]], num_sampled: int,
-                      noise_std: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                      noise_std: float) -> dict[str, np.ndarray]:
     """``ref + (Σ Δ_i) / m + N(0, std²)``: the fixed-denominator estimator.
 
     Dividing by the number *sampled* (m), not the number that answered, keeps the
     sensitivity of the average at C/m even when a client fails mid-round, so the noise
     ``σ·C/m`` still buys the accounted ε (a missing client counts as a zero update).
+    The noise comes from :func:`secure_normal`, never from the run's seed. Floating
+    statistics buffers (BatchNorm's running mean and variance) depend on the clients' data
+    as much as the weights do: they are clipped and noised with them, then made valid again
+    by :func:`fix_statistics`; integer counters keep ``ref``'s value.
     """
     if num_sampled < len(clipped) or num_sampled <= 0:
         raise ValueError(f"num_sampled={num_sampled} must be >= the {len(clipped)} updates")
@@ -77,9 +111,9 @@ def noisy_mean_update(ref: Mapping[str, np.ndarray],
             continue
         b = np.asarray(base, np.float64)
         total = sum((np.asarray(c[k], np.float64) - b for c in clipped), np.zeros_like(b))
-        noise = rng.normal(0.0, noise_std, size=b.shape) if noise_std > 0 else 0.0
+        noise = secure_normal(b.shape, noise_std) if noise_std > 0 else 0.0
         out[k] = (b + total / num_sampled + noise).astype(base.dtype)
-    return out
+    return fix_statistics(out)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch import nn
 
-from common.config import Algorithm, Config, load_config
+from common.config import Algorithm, Config, ConfigError, load_config
 from common.data import central_test_set, dataset_spec
 from common.models import TaskSpec, build_model
 from common.mutual import evaluate
@@ -27,13 +27,16 @@ from server.validate import template_of
 app = ServerApp()
 
 
-def _spec_from_clients(strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
+def _spec_from_clients(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
     """With ``npz`` data only the clients know the task shape: they report it when identified.
 
-    The most common image shape wins; clients with another shape are named in a warning and
-    their replies will be errors (the round goes on without them).
+    Asked once ``min-clients`` nodes are connected (a bounded wait). The most common image
+    shape wins; clients with another shape are named in a warning and their replies will be
+    errors (the round goes on without them). ``num-classes`` is the configured one, else one
+    more than the largest label those nodes hold: a later node with a larger label is
+    refused with an error that names it.
     """
-    strategy.identify(grid)
+    strategy.ordered(grid)
     shapes = Counter((int(m["channels"]), int(m["size"])) for m in strategy.client_info.values())
     if not shapes:
         raise RuntimeError("no client could describe its data (every identify reply failed): "
@@ -43,8 +46,24 @@ def _spec_from_clients(strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
         if (int(m["channels"]), int(m["size"])) != (channels, size):
             log(WARNING, "client %s has %sx%spx images, the federation uses %sx%spx: it will "
                 "be left out", m["client-key"], m["channels"], m["size"], channels, size)
-    classes = max(int(m["num-classes"]) for m in strategy.client_info.values())
+    classes = cfg.num_classes or max(int(m["num-classes"]) for m in strategy.client_info.values())
+    if not cfg.num_classes:
+        log(INFO, "fedmutual: num-classes=%d from the %d connected nodes' labels (set "
+            "run-config 'num-classes' if later nodes hold more)", classes,
+            len(strategy.client_info))
     return TaskSpec(channels, size, classes)
+
+
+def _task_spec(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
+    """The task shape: the built-in dataset's, or what the ``npz`` nodes report."""
+    spec = dataset_spec(cfg)
+    if spec is None:
+        return _spec_from_clients(cfg, strategy, grid)
+    if cfg.num_classes and cfg.num_classes != spec.num_classes:
+        raise ConfigError(f"run-config key 'num-classes' = {cfg.num_classes}, but dataset "
+                          f"'{cfg.dataset}' has {spec.num_classes}: expected 0 or "
+                          f"{spec.num_classes}")
+    return spec
 
 
 def make_round_closer(cfg: Config, spec: TaskSpec, meme: nn.Module, run_log: RunLog,
@@ -93,22 +112,21 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmutual: %s on %s, results in %s", cfg.algorithm.value, cfg.dataset,
         run_log.run_dir)
     strategy = build_strategy(cfg, run_log)
-    spec = dataset_spec(cfg) or _spec_from_clients(strategy, grid)
-
-    torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
-    meme = build_model(cfg.meme_model, spec)
-    if ckpt is not None:
-        load_into(meme, to_record(ckpt.meme), what=f"meme in {ckpt.path}")
-        restore_rng(ckpt)
-        strategy.round_offset = ckpt.round
-    initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
-    strategy.template = template_of(initial)
-    task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
-            "lineage": run_log.run_dir.name}
-    if cfg.algorithm is Algorithm.FEDPROX:
-        task["proximal-mu"] = cfg.proximal_mu
-    remaining = cfg.num_server_rounds - strategy.round_offset
     try:
+        spec = _task_spec(cfg, strategy, grid)
+        torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
+        meme = build_model(cfg.meme_model, spec)
+        if ckpt is not None:
+            load_into(meme, to_record(ckpt.meme), what=f"meme in {ckpt.path}")
+            restore_rng(ckpt)
+            strategy.round_offset = ckpt.round
+        initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
+        strategy.template = template_of(initial)
+        task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
+                "lineage": run_log.run_dir.name}
+        if cfg.algorithm is Algorithm.FEDPROX:
+            task["proximal-mu"] = cfg.proximal_mu
+        remaining = cfg.num_server_rounds - strategy.round_offset
         if remaining > 0:
             wrap_dp(strategy).start(
                 grid=grid, initial_arrays=initial, num_rounds=remaining,

@@ -13,8 +13,9 @@ configuration and logging; ``aggregate_train`` is replaced because Flower's
 
 Here every reply passes the meme validator first; a client-clipped update larger than the
 norm is rejected (it would void the guarantee); the mean uses the fixed denominator m (a
-missing client counts as a zero update), noise ``N(0, (σC/m)²)`` is drawn from a per-round
-seed, and (ε, δ) is recomputed from every released round and written to ``metrics.json``.
+missing client counts as a zero update), noise ``N(0, (σC/m)²)`` is drawn from the OS's
+secure random source (never from ``seed``: whoever knows the seed could subtract it), and
+(ε, δ) is recomputed from every released round and written to ``metrics.json``.
 With ``secure-aggregation`` the sum comes from SecAgg+ and the server adds the noise to it.
 """
 
@@ -34,7 +35,6 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import DpMode
 from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
-from common.runtime import derive_seed
 from server.strategy import MemeStrategyMixin
 
 _NORM_SLACK = 1e-5  # relative: float32 rounding of a client's clipped update
@@ -82,9 +82,7 @@ class _MemeDp:
         sampled = max(inner.sent_train, len(contents))
         self.num_sampled_clients = sampled
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
-        rnd = server_round + inner.round_offset
-        rng = np.random.default_rng(derive_seed(inner.cfg.seed, "dp-noise", rnd))
-        noised = noisy_mean_update(ref, updates, sampled, std, rng)
+        noised = noisy_mean_update(ref, updates, sampled, std)
         arrays = ArrayRecord({k: Array(v) for k, v in noised.items()})
         epsilon = self._account(sampled, inner.population)
         inner.run_log.set(dp_epsilon=epsilon, dp_delta=inner.cfg.dp_delta, dp_noise_std=std,

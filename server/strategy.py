@@ -16,9 +16,10 @@ What it adds to Flower's FedAvg / FedProx / FedMedian / FedTrimmedAvg / Krum:
 from __future__ import annotations
 
 import random
+import secrets
 import time
 from collections.abc import Iterable
-from logging import INFO, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.app import (
@@ -85,15 +86,19 @@ class MemeStrategyMixin:
         self.population = 0  # clients connected when the open round sampled
         self._secure_round: tuple[Grid, list[Message]] | None = None
         self._unidentified: set[int] = set()  # silent at identification: asked again
+        self._duplicates: set[int] = set()  # reported a key another node has: left out
 
     # ------------------------------------------------------------------ identification
     def identify(self, grid: Grid) -> None:
         """Ask every not-yet-known connected node for its client key (one QUERY each).
 
         A node that stays silent past ``round-timeout`` (a slow cold start) sorts last by
-        node id this round, which is not reproducible, and is asked again next round."""
-        new = [n for n in grid.get_node_ids()
-               if n not in self.client_keys or n in self._unidentified]
+        node id this round, which is not reproducible, and is asked again next round. A node
+        that reports the key of another connected node is left out (two nodes with one key
+        would share shuffling, initialisation and state file) and asked again next round."""
+        live = list(grid.get_node_ids())
+        new = [n for n in live if n not in self.client_keys or n in self._unidentified
+               or n in self._duplicates]
         if not new:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
@@ -107,9 +112,24 @@ class MemeStrategyMixin:
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 continue
             metrics = reply.content["metrics"]
-            self.client_keys[node] = int(metrics["client-key"])
+            key = int(metrics["client-key"])
+            holder = next((n for n, k in self.client_keys.items()
+                           if k == key and n != node and n in live), None)
+            if holder is not None:
+                if node not in self._duplicates:
+                    log(ERROR, "node %d reports client key %d, which node %d already has: it "
+                        "is left out until that key is free. Give each node its own "
+                        "'client-key' in --node-config, or its own state-dir", node, key,
+                        holder)
+                self._duplicates.add(node)
+                self.client_keys.pop(node, None)
+                continue
+            self._duplicates.discard(node)
+            self.client_keys[node] = key
             self.client_info[node] = metrics
         for node in new:
+            if node in self._duplicates:
+                continue
             if node not in answered and node not in self._unidentified:
                 log(WARNING, "node %d did not identify itself within round-timeout=%g s: it "
                     "is sampled by node id (not reproducible) until it does", node,
@@ -127,10 +147,9 @@ class MemeStrategyMixin:
         sizes = [int(m["num-train"]) for m in self.client_info.values()]
         return float(max(sizes)) if sizes else None
 
-    def _wait_for_clients(self, grid: Grid) -> None:
-        """Wait up to ``round-timeout`` for ``min-clients`` connected nodes (Flower's own
-        sampler would wait forever)."""
-        deadline = time.monotonic() + self.cfg.round_timeout
+    def _wait_for_clients(self, grid: Grid, deadline: float) -> None:
+        """Wait until ``deadline`` for ``min-clients`` connected nodes (Flower's own sampler
+        would wait forever)."""
         last_log = 0.0
         while (n := len(list(grid.get_node_ids()))) < self.cfg.min_clients:
             now = time.monotonic()
@@ -144,11 +163,24 @@ class MemeStrategyMixin:
                 last_log = now
             time.sleep(1)
 
-    def _ordered(self, grid: Grid) -> _OrderedGrid:
-        self._wait_for_clients(grid)
-        self.identify(grid)
-        ids = [n for n in grid.get_node_ids() if n in self.client_keys]
-        return _OrderedGrid(grid, sorted(ids, key=lambda n: (self.client_keys[n], n)))
+    def ordered(self, grid: Grid) -> _OrderedGrid:
+        """The identified connected nodes, in key order, once at least ``min-clients`` are.
+
+        Every wait is bounded by ``round-timeout``: nodes that drop out (or turn out to be
+        duplicates) during identification send it back to waiting, never into Flower's
+        sampler, which would loop forever on the frozen list."""
+        deadline = time.monotonic() + self.cfg.round_timeout
+        while True:
+            self._wait_for_clients(grid, deadline)
+            self.identify(grid)
+            ids = [n for n in grid.get_node_ids() if n in self.client_keys]
+            if len(ids) >= self.cfg.min_clients:
+                return _OrderedGrid(grid, sorted(ids, key=lambda n: (self.client_keys[n], n)))
+            if time.monotonic() >= deadline:
+                raise TooFewClients(
+                    f"only {len(ids)} identified client(s) after waiting round-timeout="
+                    f"{self.cfg.round_timeout:g} s, fewer than min-clients={self.cfg.min_clients}")
+            time.sleep(1)
 
     def sort_replies(self, replies: Iterable[Message]) -> list[Message]:
         def key(m: Message) -> tuple[int, int]:
@@ -164,9 +196,9 @@ class MemeStrategyMixin:
         rnd = server_round + self.round_offset
         self.run_log.begin_round(rnd)
         log(INFO, "fedmutual: round %d of %d", rnd, self.cfg.num_server_rounds)
-        ordered = self._ordered(grid)
+        ordered = self.ordered(grid)
         self.population = len(ordered.get_node_ids())
-        random.seed(derive_seed(self.cfg.seed, "sample-train", rnd))
+        random.seed(self._sampling_seed("sample-train", rnd))
         msgs = list(super().configure_train(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         self.sent_train = len(msgs)
@@ -176,12 +208,24 @@ class MemeStrategyMixin:
             return []
         return msgs
 
+    def _sampling_seed(self, label: str, rnd: int) -> int:
+        """The seed of this round's sampling: from ``seed``, except under DP with sampling.
+
+        DP's ε with ``fraction-train`` < 1 counts on amplification by subsampling, which
+        holds only if nobody can predict who is sampled: then each round draws from the OS's
+        secure source (and the run is no longer reproducible from ``seed``).
+        """
+        if (label == "sample-train" and self.cfg.dp_mode.enabled
+                and self.cfg.fraction_train < 1):
+            return secrets.randbits(256)
+        return derive_seed(self.cfg.seed, label, rnd)
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """As :meth:`configure_train`, for the evaluation messages."""
         rnd = server_round + self.round_offset
-        ordered = self._ordered(grid)
-        random.seed(derive_seed(self.cfg.seed, "sample-evaluate", rnd))
+        ordered = self.ordered(grid)
+        random.seed(self._sampling_seed("sample-evaluate", rnd))
         msgs = list(super().configure_evaluate(rnd, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         return msgs
@@ -239,8 +283,11 @@ class MemeStrategyMixin:
         rnd = server_round + self.round_offset
         weight = (1.0 if self.cfg.aggregation is Aggregation.UNIFORM
                   else self.max_weight() or 1000.0)
+        # integer buffers (BatchNorm's num_batches_tracked) are counters, not data: they
+        # stay out of the masked vector and keep the server's value
+        floats = [k for k, (_, dtype) in self.template.items() if dtype.kind == "f"]
         result = secure_mean(
-            grid, msgs, list(self.template), rnd, num_shares=self.cfg.secagg_num_shares,
+            grid, msgs, floats, rnd, num_shares=self.cfg.secagg_num_shares,
             threshold=self.cfg.secagg_threshold, max_weight=weight,
             clipping_range=self.cfg.secagg_clipping_range, timeout=self.cfg.round_timeout,
             seed=derive_seed(self.cfg.seed, "secagg", rnd))
@@ -261,7 +308,8 @@ class MemeStrategyMixin:
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         result = self.secure_round(server_round)
         metrics = self.note_accepted(result.contents)
-        arrays = ArrayRecord({k: Array(v) for k, v in result.mean.items()})
+        mean = {k: result.mean.get(k, a.numpy()) for k, a in self.current_arrays.items()}
+        arrays = ArrayRecord({k: Array(v) for k, v in mean.items()})
         return self._restore_dtypes(arrays), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],

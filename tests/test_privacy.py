@@ -78,11 +78,11 @@ def test_noisy_mean_uses_the_fixed_denominator():
     ref = {"w": np.ones(4, np.float32), "n": np.array(1, np.int64)}
     ups = [{"w": np.ones(4, np.float32) * 3, "n": np.array(9, np.int64)},
            {"w": np.ones(4, np.float32) * 5, "n": np.array(9, np.int64)}]
-    out = noisy_mean_update(ref, ups, 4, 0.0, np.random.default_rng(0))
+    out = noisy_mean_update(ref, ups, 4, 0.0)
     assert np.allclose(out["w"], 1 + (2 + 4) / 4)  # a missing client counts as no update
     assert out["n"] == 1
     with pytest.raises(ValueError, match="num_sampled"):
-        noisy_mean_update(ref, ups, 1, 0.0, np.random.default_rng(0))
+        noisy_mean_update(ref, ups, 1, 0.0)
 
 
 def _reply(node: int, arrays: dict, error: bool = False) -> Message:

@@ -271,13 +271,13 @@ def test_a_node_silent_at_identification_is_asked_again_and_then_sorted_by_its_k
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
     strat, _ = _strategy(tmp_path)
     grid = _ColdStartGrid()  # client keys: node 11 -> 0, 22 -> 1, 33 -> 2
-    assert strat._ordered(grid).get_node_ids() == [11, 22, 33]  # silent: last, by node id
+    assert strat.ordered(grid).get_node_ids() == [11, 22, 33]  # silent: last, by node id
     assert grid.asked == [[33, 11, 22]]
     grid.awake = {11, 33}
-    assert strat._ordered(grid).get_node_ids() == [11, 33, 22]  # 33 known now, 22 not
+    assert strat.ordered(grid).get_node_ids() == [11, 33, 22]  # 33 known now, 22 not
     assert grid.asked[1] == [33, 22]  # only the silent ones are asked again
     grid.awake = {11, 22, 33}
-    assert strat._ordered(grid).get_node_ids() == [11, 22, 33]
+    assert strat.ordered(grid).get_node_ids() == [11, 22, 33]
     assert grid.asked[2] == [22]
-    strat._ordered(grid)
+    strat.ordered(grid)
     assert len(grid.asked) == 3  # everyone known: no more queries
