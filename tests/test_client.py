@@ -106,3 +106,32 @@ def test_identify_reports_partition():
     ctx = make_context(RUN, partition_id=2)
     msg = make_message(RecordDict({"config": ConfigRecord()}), MessageType.QUERY)
     assert client_app.identify(msg, ctx).content["metrics"]["client-key"] == 2
+
+
+def test_secure_aggregation_sums_only_the_floating_arrays_of_a_batchnorm_meme():
+    """SecAgg+ with a BatchNorm meme: the integer num_batches_tracked counters stay out of
+    the masked vector (they failed the clipping-range check after 9 batches); the running
+    statistics, as data-dependent as the weights, are in it."""
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.compat.common.parameter import parameters_to_ndarrays
+    from flwr.compat.common.typing import FitIns
+
+    run = {**RUN, "meme-model": "cnn-bn", "secure-aggregation": True, "batch-size": 8}
+    torch.manual_seed(0)
+    meme = build_model("cnn-bn", SPEC).state_dict()
+    floats = [k for k, v in meme.items() if v.dtype == torch.float32]
+    counters = [k for k in meme if k.endswith("num_batches_tracked")]
+    assert len(counters) == 2 and len(floats) == len(meme) - 2
+    params = compat.arrayrecord_to_parameters(
+        ArrayRecord({str(i): to_record(meme)[k] for i, k in enumerate(floats)}), keep_input=True)
+    msg = make_message(compat.fitins_to_recorddict(
+        FitIns(params, dict(task_config(1, 8, 10))), keep_input=True))
+    ctx = make_context(run)
+    reply = compat.recorddict_to_fitres(client_app.train(msg, ctx).content, keep_input=True)
+    sent = parameters_to_ndarrays(reply.parameters)
+    assert [a.shape for a in sent] == [tuple(meme[k].shape) for k in floats]
+    assert all(a.dtype == np.float32 for a in sent)
+    # trained: the running statistics moved away from BatchNorm's (0, 1) start
+    running_var = sent[floats.index("0.1.running_var")]
+    assert not np.allclose(running_var, 1.0)
+    assert reply.num_examples > 9 * 8  # more than 9 batches: the old check failed here

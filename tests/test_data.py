@@ -116,3 +116,24 @@ def test_builtin_client_data_is_a_seeded_split_of_its_partition():
     assert not np.array_equal(a.x_train[:5].numpy(), b.x_train[:5].numpy())
     with pytest.raises(DataError, match="partition-id 5"):
         load_client_data(cfg, 5, 3)
+
+
+def test_npz_nodes_map_the_same_pixel_to_the_same_input(tmp_path):
+    """Two nodes with very different images: pixel value 128 in channel 1 becomes the same
+    input on both, (128/255 - mean) / std with the federation's declared values."""
+    dark = np.zeros((20, 6, 6, 3), np.uint8)
+    bright = np.full((40, 6, 6, 3), 250, np.uint8)
+    for x in (dark, bright):
+        x[0, 2, 3, 1] = 128
+    np.savez(tmp_path / "dark.npz", x=dark, y=np.zeros(20, np.int64))
+    np.savez(tmp_path / "bright.npz", x=bright, y=np.ones(40, np.int64))
+    expected = (128 / 255 - 0.25) / 0.5  # 0.50392...
+    for name in ("dark", "bright"):
+        ds = load_npz(tmp_path / f"{name}.npz", mean=(0.5, 0.25, 0.0), std=(0.5,))
+        assert ds.x_train[0, 1, 2, 3] == pytest.approx(expected, abs=1e-6)
+        assert ds.x_train[1, 0, 0, 0] == pytest.approx(((250 if name == "bright" else 0)
+                                                        / 255 - 0.5) / 0.5, abs=1e-6)
+    # defaults: uint8 to [0, 1] and nothing else
+    assert load_npz(tmp_path / "dark.npz").x_train[0, 1, 2, 3] == pytest.approx(128 / 255)
+    with pytest.raises(DataError, match="'npz-mean' has 2 values: expected 1 or 3"):
+        load_npz(tmp_path / "dark.npz", mean=(0.1, 0.2))

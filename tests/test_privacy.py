@@ -35,6 +35,7 @@ from common.privacy import (
     epsilon_spent,
     noise_for_epsilon,
     noisy_mean_update,
+    secure_normal,
     update_norm,
 )
 from server.privacy import MemeDpClientSide, MemeDpServerSide, wrap_dp
@@ -254,3 +255,100 @@ def test_dp_clip_mod_clips_the_reply_to_the_servers_norm():
 def test_privacy_switches_that_would_not_protect_are_refused(overrides, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(overrides)
+
+
+# ---------------------------------------------------------------- noise nobody can replay
+def test_dp_noise_cannot_be_regenerated_from_the_run_config(tmp_path):
+    """The attack of issue #10: rebuild the noise from the public seed and subtract it.
+    Before the fix this recovered the exact clipped mean (max error 6e-8); now the residual
+    is another draw of the noise, as large as the noise itself."""
+    from common.runtime import derive_seed
+
+    sigma = 2.0
+    dp, inner, _ = _dp_strategy(tmp_path, "server", sigma, sent=2)
+    rng = np.random.default_rng(5)
+    dirs = [rng.normal(size=D) for _ in range(2)]
+    replies = [_reply(i + 1, _with_update(d, 0.5)) for i, d in enumerate(dirs)]
+    released = dp.aggregate_train(1, replies)[0]["w"].numpy().astype(np.float64)
+    exact = sum(d / np.linalg.norm(d) * 0.5 for d in dirs) / 2
+    std = sigma * 1.0 / 2
+    replayed = np.random.default_rng(derive_seed(inner.cfg.seed, "dp-noise", 1)).normal(
+        0.0, std, size=D)
+    recovered = released - replayed
+    assert np.abs(recovered - exact).max() > 3 * std  # nowhere near the clipped mean
+    # independent of the replayed draw: the residual's std is sqrt(2) x the noise's
+    assert (recovered - exact).std() == pytest.approx(math.sqrt(2) * std, rel=0.02)
+
+
+def test_two_releases_from_the_same_config_draw_different_noise(tmp_path):
+    sigma = 1.0
+    out = []
+    for i in range(2):
+        dp, _, _ = _dp_strategy(tmp_path / str(i), "server", sigma, sent=1)
+        out.append(dp.aggregate_train(1, [_reply(1, _with_update(np.ones(D), 0.5))])[0])
+    diff = out[0]["w"].numpy().astype(np.float64) - out[1]["w"].numpy().astype(np.float64)
+    assert diff.std() == pytest.approx(math.sqrt(2) * sigma, rel=0.02)
+
+
+def test_secure_normal_is_standard_normal_and_never_repeats():
+    a, b = secure_normal((200_000,), 1.0), secure_normal((200_000,), 1.0)
+    assert a.dtype == np.float64 and np.isfinite(a).all()
+    assert abs(a.mean()) < 4 / math.sqrt(len(a))
+    assert a.std() == pytest.approx(1.0, rel=0.01)
+    # the shape of N(0,1), not only its moments: mass within 1 and 2 standard deviations
+    assert np.mean(np.abs(a) < 1) == pytest.approx(normal.cdf(1) - normal.cdf(-1), abs=0.005)
+    assert np.mean(np.abs(a) < 2) == pytest.approx(normal.cdf(2) - normal.cdf(-2), abs=0.003)
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.01  # two calls: independent draws
+    assert secure_normal((3, 5), 0.5).shape == (3, 5)
+    assert secure_normal((7,), 3.0).std() > 0
+
+
+def test_noise_on_batchnorm_statistics_never_leaves_a_negative_variance():
+    ref = {"bn.running_var": np.full(1000, 0.01, np.float32),
+           "bn.running_mean": np.zeros(1000, np.float32),
+           "bn.num_batches_tracked": np.array(4, np.int64)}
+    up = {"bn.running_var": np.full(1000, 0.02, np.float32),
+          "bn.running_mean": np.full(1000, 0.1, np.float32),
+          "bn.num_batches_tracked": np.array(9, np.int64)}
+    out = noisy_mean_update(ref, [up], 1, 1.0)  # noise far above the variance itself
+    assert (out["bn.running_var"] >= 0).all()
+    assert (out["bn.running_var"] == 0).mean() > 0.4  # the clamp did act (~half below 0)
+    assert (out["bn.running_mean"] < 0).mean() > 0.4  # a mean may be negative: untouched
+    assert out["bn.num_batches_tracked"] == 4  # the counter keeps the server's value
+
+
+def _sampled(tmp_path, name: str, dp: str, rounds: int = 8) -> list[list[int]]:
+    """Which of 6 nodes the strategy samples (fraction-train 0.5) in each of ``rounds``."""
+    cfg = load_config({"algorithm": "fedavg", "aggregation": "uniform", "dp-mode": dp,
+                       "fraction-train": 0.5, "min-clients": 1, "seed": 3,
+                       "output-dir": str(tmp_path), "run-name": name})
+    strat = build_strategy(cfg, RunLog.create(cfg))
+    strat.client_keys = {n: n for n in range(10, 16)}  # identified already
+    grid = _StaticGrid(list(range(10, 16)))
+    return [sorted(m.metadata.dst_node_id for m in strat.configure_train(
+        r, ArrayRecord(), ConfigRecord(), grid)) for r in range(1, rounds + 1)]
+
+
+class _StaticGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type)
+
+
+def test_sampling_under_dp_is_secret_and_without_dp_follows_the_seed(tmp_path, monkeypatch):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # as the ServerApp process has them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    plain = [_sampled(tmp_path, f"plain-{i}", "none") for i in range(2)]
+    assert plain[0] == plain[1]  # reproducible from the seed
+    secret = [_sampled(tmp_path, f"dp-{i}", "server") for i in range(2)]
+    assert all(len(s) == 3 for s in secret[0] + secret[1])
+    # 20 possible samples per round: 8 equal rounds by chance has probability 20^-8
+    assert secret[0] != secret[1]
+    assert secret[0] != plain[0]
