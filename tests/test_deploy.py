@@ -7,6 +7,7 @@ import re
 import signal
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,12 +23,15 @@ RUN = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "batch-si
        "min-clients": 1}
 
 
-def _node_config(dep: Deployment, name: str, pid: int) -> str:
-    return f'partition-id={pid} num-partitions=2 state-dir="{dep.root / "state" / name}"'
+def _node_config(dep: Deployment, name: str, pid: int | None) -> str:
+    where = f'state-dir="{dep.root / "state" / name}"'
+    return where if pid is None else f"partition-id={pid} num-partitions=2 {where}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dep(tmp_path_factory):
+    """A SuperLink of the test's own (TLS + node authentication): no test sees another's
+    nodes, state files or runs, so each passes alone and in any order."""
     with Deployment(tmp_path_factory.mktemp("deploy"), tls=True) as d:
         yield d
 
@@ -46,13 +50,14 @@ def _wait_until_taken(dep: Deployment, name: str, proc, start: int, deadline: fl
         time.sleep(0.5)
 
 
-def _start(dep: Deployment, name: str, pid: int, deadline: float) -> None:
+def _start(dep: Deployment, name: str, pid: int | None, deadline: float,
+           extra: str = "") -> None:
     """Start the node until the SuperLink takes it (it refuses a killed node's key as
     long as it still sees that node online, until its heartbeat lapses)."""
     log = dep.root / f"{name}.log"
     while True:
         start = len(log.read_text()) if log.exists() else 0
-        proc = dep.supernode(name, _node_config(dep, name, pid))
+        proc = dep.supernode(name, f"{_node_config(dep, name, pid)} {extra}".strip())
         if _wait_until_taken(dep, name, proc, start, deadline):
             return
         dep.stop(name)
@@ -110,11 +115,16 @@ def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
     assert dep.run_statuses(timeout=120) == ["finished:completed"]
 
 
+def _start_registered(dep: Deployment, names: tuple[str, ...]) -> None:
+    for pid, name in enumerate(names):
+        assert "registered successfully" in dep.register(name)
+        _start(dep, name, pid, deadline=time.time() + 120)
+
+
 def test_secure_aggregation_with_client_dp_over_tls(dep, tmp_path):
     """SecAgg+ (with client-side clipping) between real processes: both nodes' masked
-    memes are summed, their private models go on."""
-    states = [dep.root / "state" / n / f"private-{i}.pt" for i, n in enumerate(("n0", "n1"))]
-    before = [read_state_file(s)["node_round"] for s in states]
+    memes are summed, their private models trained each round."""
+    _start_registered(dep, ("n0", "n1"))
     out = dep.run({**RUN, "num-server-rounds": 2, "round-timeout": 120.0, "min-clients": 2,
                    "secure-aggregation": True, "dp-mode": "client", "aggregation": "uniform",
                    "dp-noise-multiplier": 0.1, "output-dir": str(tmp_path),
@@ -123,17 +133,19 @@ def test_secure_aggregation_with_client_dp_over_tls(dep, tmp_path):
     records = wait_for_rounds(tmp_path / "secure" / "metrics.json", 2, timeout=400)
     assert [(r["num_clients"], r["failed_clients"]) for r in records] == [(2, 0), (2, 0)]
     assert 0 < records[0]["dp_epsilon"] < records[1]["dp_epsilon"]
-    assert dep.run_statuses(timeout=120) == ["finished:completed"] * 2
-    assert [read_state_file(s)["node_round"] for s in states] == [b + 2 for b in before]
+    assert dep.run_statuses(timeout=120) == ["finished:completed"]
+    states = [dep.root / "state" / n / f"private-{i}.pt" for i, n in enumerate(("n0", "n1"))]
+    assert [read_state_file(s)["node_round"] for s in states] == [2, 2]
     meme = torch.load(tmp_path / "secure" / "meme_final.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in meme.values())
 
 
 def test_corrupt_state_file_is_refused_and_the_round_goes_on(dep, tmp_path):
     state = dep.root / "state" / "n0" / "private-0.pt"
-    assert state.exists(), "runs after the previous test"
-    state.write_bytes(state.read_bytes()[:64])
-    out = dep.run({**RUN, "num-server-rounds": 1, "round-timeout": 60.0,
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"\x80not a state file".ljust(64, b"\0"))
+    _start_registered(dep, ("n0", "n1"))
+    out = dep.run({**RUN, "num-server-rounds": 1, "round-timeout": 60.0, "min-clients": 2,
                    "output-dir": str(tmp_path), "run-name": "corrupt"})
     run_id = re.search(r"\b(\d{6,})\b", out).group(1)
     records = wait_for_rounds(tmp_path / "corrupt" / "metrics.json", 1, timeout=180)
@@ -141,3 +153,32 @@ def test_corrupt_state_file_is_refused_and_the_round_goes_on(dep, tmp_path):
     assert state.stat().st_size == 64  # refused, never silently replaced
     logs = (dep.root / "n0.log").read_text() + dep.flwr("log", run_id, "fm", "--show")
     assert "is corrupt or truncated" in logs
+
+
+def test_nodes_sharing_a_data_path_started_after_the_server_keep_their_own_identity(
+        dep, tmp_path):
+    """Two devices with the same data-path string (as the README's example), no partition
+    id, started after the run: the server waits for min-clients, learns the task from them,
+    and each node gets its own key, private model and state file."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    data = tmp_path / "mine.npz"
+    np.savez(data, x=(digits.images[:400] * 15).astype(np.uint8), y=digits.target[:400])
+    out = dep.run({**RUN, "dataset": "npz", "data-path": str(data), "min-clients": 2,
+                   "num-server-rounds": 2, "round-timeout": 120.0, "npz-mean": "0.3",
+                   "npz-std": "0.4", "output-dir": str(tmp_path), "run-name": "late"})
+    assert "Traceback" not in out, out
+    time.sleep(5)  # the ServerApp is up and waiting, with no node connected
+    for name in ("pi-a", "pi-b"):
+        assert "registered successfully" in dep.register(name)
+        _start(dep, name, None, deadline=time.time() + 120)
+    records = wait_for_rounds(tmp_path / "late" / "metrics.json", 2, timeout=400)
+    assert [(r["num_clients"], r["failed_clients"]) for r in records] == [(2, 0), (2, 0)]
+    assert dep.run_statuses(timeout=120) == ["finished:completed"]
+    keys = [int((dep.root / "state" / n / "node-key").read_text()) for n in ("pi-a", "pi-b")]
+    assert keys[0] != keys[1]
+    for name, key in zip(("pi-a", "pi-b"), keys, strict=True):
+        files = sorted(p.name for p in (dep.root / "state" / name).glob("private-*.pt"))
+        assert files == [f"private-{key}.pt"]
+        assert read_state_file(dep.root / "state" / name / files[0])["node_round"] == 2

@@ -2,9 +2,11 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
+from common.models import TaskSpec, build_model
 from server.results import METRIC_KEYS
 
 pytestmark = pytest.mark.e2e
@@ -41,9 +43,22 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
 
 
 def test_heterogeneous_private_models(simlink, tmp_path):
-    _, run_dir = _run(simlink, tmp_path, "hetero", **{"local-models": "mlp,cnn,cnn-cifar"})
+    """Each client's private model, as its node holds it (the audit's snapshot), has the
+    architecture assigned to its partition: three different sets of tensor shapes."""
+    audit = tmp_path / "audit"
+    _, run_dir = _run(simlink, tmp_path, "hetero", **{"local-models": "mlp,cnn,cnn-cifar",
+                                                      "audit-dir": str(audit)})
     records = _metrics(run_dir)
     assert len(records) == 2 and all(r["local_accuracy"] is not None for r in records)
+    shapes = {}
+    for pid, name in enumerate(("mlp", "cnn", "cnn-cifar")):
+        last = sorted((audit / f"client-{pid}").glob("*-train.npz"))[-1]
+        with np.load(last, allow_pickle=False) as z:
+            held = {k[len("private/"):]: z[k].shape for k in z.files if k.startswith("private/")}
+        built = build_model(name, TaskSpec(1, 8, 10)).state_dict()
+        assert held == {k: tuple(v.shape) for k, v in built.items()}, (pid, name)
+        shapes[name] = tuple(sorted(held.items()))
+    assert len(set(shapes.values())) == 3
 
 
 def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+from common.privacy import Release, epsilon_spent
+
 pytestmark = pytest.mark.e2e
 BASE = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "batch-size": 32}
 
@@ -94,12 +96,12 @@ def test_poisoning_median_and_krum_hold_weighted_breaks(simlink, tmp_path):
 DP = {"aggregation": "uniform", "dp-mode": "server", "dp-noise-multiplier": 0.5}
 
 
-@pytest.mark.parametrize("algorithm,extra", [("fedavg", {}), ("fml", {}), ("fml", DP)],
-                         ids=["fedavg", "fml", "fml-dp"])
-def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm, extra):
-    """With DP too: the noise of each round is seeded by the round, and ε is recomputed
-    from the released rounds in the checkpoint's records."""
-    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67, **extra}
+def _strip(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def _interrupt_and_resume(simlink, tmp_path, cfg):
+    """A 4-round run, and the same run stopped after round 2 and resumed to round 4."""
     full, _ = _run(simlink, tmp_path, "full", **cfg, **{
         "num-server-rounds": 4, "state-dir": str(tmp_path / "state-full")})
     part, _ = _run(simlink, tmp_path, "part", **cfg, **{
@@ -109,16 +111,31 @@ def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorit
         "num-server-rounds": 4, "state-dir": str(tmp_path / "state-part"),
         "resume-from": str(tmp_path / "part")})
     assert "resuming" in log and not (tmp_path / "resumed").exists()
-
-    def strip(records):
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
-
-    assert strip(resumed) == strip(full)
     a = torch.load(tmp_path / "full" / "meme_final.pt", weights_only=True)
     b = torch.load(tmp_path / "part" / "meme_final.pt", weights_only=True)
+    return full, part, resumed, a, b
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fml"])
+def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm):
+    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67}
+    full, _, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
+    assert _strip(resumed) == _strip(full)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
-    if extra:  # 2 of 3 clients sampled: accounted as sampling without replacement
-        assert [r["dp_sampled"] for r in full] == [2] * 4
-        eps = [r["dp_epsilon"] for r in full]
-        assert eps == sorted(eps) and len(set(eps)) == 4
+
+
+def test_resumed_dp_run_continues_the_accounting_with_fresh_noise(simlink, tmp_path):
+    """Under DP a resume is not a replay: the noise (and the secret sample of 2 of 3
+    clients) is drawn afresh, while ε goes on from the checkpoint's released rounds."""
+    cfg = {"algorithm": "fml", "seed": 3, "fraction-train": 0.67, **DP}
+    full, part, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    assert _strip(resumed[:2]) == _strip(part)  # the first two rounds are the checkpoint's
+    assert [r["dp_sampled"] for r in resumed] == [2] * 4
+    expected = [epsilon_spent([Release(0.5, 2, 3)] * t, 1e-5, subsampled=True)
+                for t in (1, 2, 3, 4)]
+    for run in (full, resumed):  # accounted with amplification: the sample is secret
+        assert [r["dp_epsilon"] for r in run] == pytest.approx(expected)
+    assert not all(torch.equal(a[k], b[k]) for k in a)  # fresh noise: another meme
+    assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
