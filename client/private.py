@@ -11,6 +11,7 @@ an error naming it; only ``reset-private=true`` starts afresh.
 
 from __future__ import annotations
 
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,18 +92,33 @@ def client_key(context: Context, partition_id: int | None, state_dir: str) -> in
         return partition_id
     if state_dir:
         path = Path(state_dir).expanduser().resolve() / _NODE_KEY
-        if path.exists():
-            text = path.read_text().strip()
-            if not text.isdigit() or int(text) >= 2**53:
-                raise PrivateStateError(f"node key file {path} holds {text[:40]!r}, expected "
-                                        "one integer in [0, 2^53); remove it for a new key")
-            return int(text)
-        key = secrets.randbits(53)
-        atomic_write(path, lambda f: f.write(f"{key}\n".encode()))
-        return key
+        if not path.exists():
+            _create_once(path, f"{secrets.randbits(53)}\n".encode())
+        text = path.read_text().strip()
+        if not text.isdigit() or int(text) >= 2**53:
+            raise PrivateStateError(f"node key file {path} holds {text[:40]!r}, expected "
+                                    "one integer in [0, 2^53); remove it for a new key")
+        return int(text)
     if _NODE_KEY not in context.state.config_records:
         context.state[_NODE_KEY] = ConfigRecord({"key": secrets.randbits(53)})
     return int(context.state.config_records[_NODE_KEY]["key"])
+
+
+def _create_once(path: Path, data: bytes) -> None:
+    """Write ``path`` complete, unless it exists: of two processes racing, the first wins
+    and both then read its content (a hard link never replaces an existing file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -136,8 +136,9 @@ def main(grid: Grid, context: Context) -> None:
             )
     except TooFewClients as exc:
         done = len(run_log.records)
-        msg = (f"fedmutual: stopping: {exc}. Rounds 1-{done} are kept in {run_log.run_dir} "
-               f"(checkpoint.pt); continue with resume-from=\"{run_log.run_dir}\"")
+        kept = (f"Rounds 1-{done} are kept in {run_log.run_dir} (checkpoint.pt); continue with "
+                f"resume-from=\"{run_log.run_dir}\"" if done else "No round was completed")
+        msg = f"fedmutual: stopping: {exc}. {kept}"
         log(ERROR, msg)
         print(run_log.summary(), flush=True)
         raise TooFewClients(msg) from None

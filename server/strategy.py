@@ -89,7 +89,7 @@ class MemeStrategyMixin:
         self._duplicates: set[int] = set()  # reported a key another node has: left out
 
     # ------------------------------------------------------------------ identification
-    def identify(self, grid: Grid) -> None:
+    def identify(self, grid: Grid, timeout: float | None = None) -> None:
         """Ask every not-yet-known connected node for its client key (one QUERY each).
 
         A node that stays silent past ``round-timeout`` (a slow cold start) sorts last by
@@ -104,7 +104,8 @@ class MemeStrategyMixin:
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
         answered = set()
-        for reply in grid.send_and_receive(msgs, timeout=self.cfg.round_timeout):
+        wait = self.cfg.round_timeout if timeout is None else timeout
+        for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
             answered.add(node)
             self._unidentified.discard(node)
@@ -166,13 +167,13 @@ class MemeStrategyMixin:
     def ordered(self, grid: Grid) -> _OrderedGrid:
         """The identified connected nodes, in key order, once at least ``min-clients`` are.
 
-        Every wait is bounded by ``round-timeout``: nodes that drop out (or turn out to be
-        duplicates) during identification send it back to waiting, never into Flower's
-        sampler, which would loop forever on the frozen list."""
+        One ``round-timeout`` bounds the waiting and the identification together: nodes
+        that drop out (or turn out to be duplicates) during identification send it back to
+        waiting, never into Flower's sampler, which would loop forever on the frozen list."""
         deadline = time.monotonic() + self.cfg.round_timeout
         while True:
             self._wait_for_clients(grid, deadline)
-            self.identify(grid)
+            self.identify(grid, timeout=max(1.0, deadline - time.monotonic()))
             ids = [n for n in grid.get_node_ids() if n in self.client_keys]
             if len(ids) >= self.cfg.min_clients:
                 return _OrderedGrid(grid, sorted(ids, key=lambda n: (self.client_keys[n], n)))

@@ -166,10 +166,15 @@ def test_nodes_sharing_a_data_path_started_after_the_server_keep_their_own_ident
     data = tmp_path / "mine.npz"
     np.savez(data, x=(digits.images[:400] * 15).astype(np.uint8), y=digits.target[:400])
     out = dep.run({**RUN, "dataset": "npz", "data-path": str(data), "min-clients": 2,
-                   "num-server-rounds": 2, "round-timeout": 120.0, "npz-mean": "0.3",
+                   "num-server-rounds": 2, "round-timeout": 400.0, "npz-mean": "0.3",
                    "npz-std": "0.4", "output-dir": str(tmp_path), "run-name": "late"})
     assert "Traceback" not in out, out
-    time.sleep(5)  # the ServerApp is up and waiting, with no node connected
+    run_id = re.search(r"\b(\d{6,})\b", out).group(1)
+    deadline = time.time() + 120
+    while "waiting for clients: 0 connected" not in (log := dep.flwr("log", run_id, "fm",
+                                                                     "--show")):
+        assert time.time() < deadline, log[-2000:]  # the ServerApp waits, no node in yet
+        time.sleep(2)
     for name in ("pi-a", "pi-b"):
         assert "registered successfully" in dep.register(name)
         _start(dep, name, None, deadline=time.time() + 120)

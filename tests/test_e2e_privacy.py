@@ -156,8 +156,9 @@ def _diff(a: dict, b: dict, keys) -> np.ndarray:
 def test_client_dp_under_secure_aggregation_adds_fresh_noise_at_the_accounted_scale(
         simlink, tmp_path):
     """One round, three clients, client clipping. With σ = 0 the secure path releases the
-    plain path's meme (to within quantization); with σ > 0 it releases that meme plus fresh
-    noise of std σC/m, which nothing in the run config reproduces."""
+    plain path's meme (to within quantization); with σ > 0 it releases that meme plus
+    zero-mean noise of std σC/m (that this noise is not replayable from the seed is
+    tested in test_privacy and by two DP runs below)."""
     common = {"algorithm": "fml", "num-server-rounds": 1, "aggregation": "uniform",
               "dp-mode": "client", "dp-clipping-norm": 0.5}
     memes = {}
@@ -170,8 +171,9 @@ def test_client_dp_under_secure_aggregation_adds_fresh_noise_at_the_accounted_sc
     keys = list(memes["plain0"])
     assert np.abs(_diff(memes["secure0"], memes["plain0"], keys)).max() < 1e-4
     noise = _diff(memes["secure"], memes["plain0"], keys)
-    assert noise.std() == pytest.approx(0.4 * 0.5 / 3, rel=0.05)
-    assert abs(noise.mean()) < 0.01
+    std = 0.4 * 0.5 / 3
+    assert noise.std() == pytest.approx(std, rel=0.05)
+    assert abs(noise.mean()) < 6 * std / np.sqrt(noise.size)
 
 
 def test_two_dp_runs_with_one_seed_release_different_memes_and_batchnorm_stays_valid(

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -126,16 +127,30 @@ def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorit
 
 
 def test_resumed_dp_run_continues_the_accounting_with_fresh_noise(simlink, tmp_path):
-    """Under DP a resume is not a replay: the noise (and the secret sample of 2 of 3
-    clients) is drawn afresh, while ε goes on from the checkpoint's released rounds."""
-    cfg = {"algorithm": "fml", "seed": 3, "fraction-train": 0.67, **DP}
-    full, part, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
-    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
-    assert _strip(resumed[:2]) == _strip(part)  # the first two rounds are the checkpoint's
-    assert [r["dp_sampled"] for r in resumed] == [2] * 4
-    expected = [epsilon_spent([Release(0.5, 2, 3)] * t, 1e-5, subsampled=True)
-                for t in (1, 2, 3, 4)]
-    for run in (full, resumed):  # accounted with amplification: the sample is secret
-        assert [r["dp_epsilon"] for r in run] == pytest.approx(expected)
-    assert not all(torch.equal(a[k], b[k]) for k in a)  # fresh noise: another meme
-    assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
+    """Under DP a resume is not a replay: one 2-round checkpoint, copied, resumed twice to
+    round 4. Every client trains every round and training is seeded, so only fresh noise
+    can make the two resumed memes differ (the old per-round seeded noise made them
+    bit-identical); ε goes on from the checkpoint's released rounds in both."""
+    cfg = {"algorithm": "fml", "seed": 3, **DP}
+    part, _ = _run(simlink, tmp_path, "part", **cfg, **{
+        "num-server-rounds": 2, "state-dir": str(tmp_path / "state-part")})
+    assert len(part) == 2
+    shutil.copytree(tmp_path / "part", tmp_path / "copy")
+    shutil.copytree(tmp_path / "state-part", tmp_path / "state-copy")
+    memes = []
+    for run, state in (("part", "state-part"), ("copy", "state-copy")):
+        resumed, log = _run(simlink, tmp_path, f"resumed-{run}", result_dir=tmp_path / run,
+                            **cfg, **{"num-server-rounds": 4, "state-dir": str(tmp_path / state),
+                                      "resume-from": str(tmp_path / run)})
+        assert "resuming" in log
+        assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+        assert _strip(resumed[:2]) == _strip(part)  # the checkpoint's rounds, kept
+        assert [r["dp_sampled"] for r in resumed] == [3] * 4
+        # 4 Gaussian releases of σ = 0.5 (checked against closed-form values in test_privacy)
+        assert [r["dp_epsilon"] for r in resumed] == pytest.approx(
+            [epsilon_spent([Release(0.5, 3, 3)] * t, 1e-5, subsampled=False)
+             for t in (1, 2, 3, 4)])
+        assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
+        memes.append(torch.load(tmp_path / run / "meme_final.pt", weights_only=True))
+    a, b = memes
+    assert not any(torch.equal(a[k], b[k]) for k in a)  # fresh noise in rounds 3-4

@@ -275,8 +275,8 @@ def test_dp_noise_cannot_be_regenerated_from_the_run_config(tmp_path):
     replayed = np.random.default_rng(derive_seed(inner.cfg.seed, "dp-noise", 1)).normal(
         0.0, std, size=D)
     recovered = released - replayed
-    assert np.abs(recovered - exact).max() > 3 * std  # nowhere near the clipped mean
-    # independent of the replayed draw: the residual's std is sqrt(2) x the noise's
+    # the attack recovered nothing: the residual is the sum of two independent draws, its
+    # std sqrt(2) x the noise's (the seeded noise left a residual of 6e-8)
     assert (recovered - exact).std() == pytest.approx(math.sqrt(2) * std, rel=0.02)
 
 
