@@ -145,7 +145,8 @@ def test_corrupt_state_file_is_refused_and_the_round_goes_on(dep, tmp_path):
     state.parent.mkdir(parents=True)
     state.write_bytes(b"\x80not a state file".ljust(64, b"\0"))
     _start_registered(dep, ("n0", "n1"))
-    out = dep.run({**RUN, "num-server-rounds": 1, "round-timeout": 60.0, "min-clients": 2,
+    # both nodes are in before the run (min-clients 1: the refusing node leaves 1 answering)
+    out = dep.run({**RUN, "num-server-rounds": 1, "round-timeout": 60.0,
                    "output-dir": str(tmp_path), "run-name": "corrupt"})
     run_id = re.search(r"\b(\d{6,})\b", out).group(1)
     records = wait_for_rounds(tmp_path / "corrupt" / "metrics.json", 1, timeout=180)
@@ -185,5 +186,5 @@ def test_nodes_sharing_a_data_path_started_after_the_server_keep_their_own_ident
     assert keys[0] != keys[1]
     for name, key in zip(("pi-a", "pi-b"), keys, strict=True):
         files = sorted(p.name for p in (dep.root / "state" / name).glob("private-*.pt"))
-        assert files == [f"private-{key}.pt"]
-        assert read_state_file(dep.root / "state" / name / files[0])["node_round"] == 2
+        assert files == [f"private-{key}.prev.pt", f"private-{key}.pt"]  # this round, the last
+        assert read_state_file(dep.root / "state" / name / files[1])["node_round"] == 2
