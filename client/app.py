@@ -130,11 +130,12 @@ def train(msg: Message, context: Context) -> Message:
     lineage = str(config.get("lineage", ""))
     priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
             if algo.trains_local else None)
-    hp = Hyper(alpha=cfg.alpha if algo.distills else 1.0,
+    warming_up = priv is not None and priv.node_round < cfg.warmup_rounds
+    hp = Hyper(alpha=cfg.alpha if algo.distills and not warming_up else 1.0,
                beta=cfg.beta if algo.distills else 1.0,
                temperature=cfg.temperature,
                proximal_mu=float(config.get("proximal-mu", 0.0)),
-               batch_size=cfg.batch_size, epochs=cfg.local_epochs)
+               batch_size=cfg.batch_size, epochs=cfg.local_epochs, distill=cfg.distill)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     stats = train_epochs(priv.model if priv else None, meme, priv.optimizer if priv else None,

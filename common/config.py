@@ -17,6 +17,7 @@ from typing import Any
 from common.data import DATASET_NAMES
 from common.faults import Fault, parse_faults
 from common.models import MODEL_NAMES
+from common.mutual import Distill, DistillGate, DistillPrior, DistillWeighting
 
 
 class ConfigError(ValueError):
@@ -158,6 +159,11 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("alpha", float, 0.5, _in(0, 1), "a number in [0, 1]"),
     _Key("beta", float, 0.5, _in(0, 1), "a number in [0, 1]"),
     _Key("temperature", float, 1.0, _positive, "a number > 0"),
+    _Key("distill-weighting", DistillWeighting, DistillWeighting.FIXED),
+    _Key("distill-gate", DistillGate, DistillGate.NONE),
+    _Key("distill-gate-threshold", float, 0.5, _in(0, 1), "a number in [0, 1]"),
+    _Key("distill-prior", DistillPrior, DistillPrior.NONE),
+    _Key("warmup-rounds", int, 0, _non_negative, "an integer >= 0"),
     _Key("proximal-mu", float, 0.01, _non_negative, "a number >= 0"),
     _Key("aggregation", Aggregation, Aggregation.WEIGHTED),
     _Key("trimmed-mean-beta", float, 0.2, _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
@@ -224,6 +230,11 @@ class Config:
     alpha: float
     beta: float
     temperature: float
+    distill_weighting: DistillWeighting
+    distill_gate: DistillGate
+    distill_gate_threshold: float
+    distill_prior: DistillPrior
+    warmup_rounds: int
     proximal_mu: float
     aggregation: Aggregation
     trimmed_mean_beta: float
@@ -272,6 +283,12 @@ class Config:
     def fault_list(self) -> tuple[Fault, ...]:
         """The parsed ``faults`` key."""
         return parse_faults(self.faults)
+
+    @property
+    def distill(self) -> Distill:
+        """The mutual-learning variant (the ``distill-*`` keys) for the loss."""
+        return Distill(self.distill_weighting, self.distill_gate, self.distill_gate_threshold,
+                       self.distill_prior)
 
     @property
     def npz_mean_values(self) -> tuple[float, ...]:

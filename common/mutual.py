@@ -4,19 +4,65 @@ and evaluation. Plain PyTorch; nothing here knows about Flower.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
+class DistillWeighting(StrEnum):
+    """How strongly each KL term counts (run-config ``distill-weighting``)."""
+
+    FIXED = "fixed"  # (1-α) and (1-β) as written
+    ADAPTIVE = "adaptive"  # divided by the batch's detached CE_local + CE_meme (FedKD)
+
+
+class DistillGate(StrEnum):
+    """Which samples' KL toward a teacher counts (run-config ``distill-gate``)."""
+
+    NONE = "none"
+    CORRECT = "correct"  # only where the teacher predicts the true label
+    CONFIDENT = "confident"  # only where the teacher's top probability >= the threshold
+
+
+class DistillPrior(StrEnum):
+    """Whether the meme, as a teacher, is first corrected by the client's label prior."""
+
+    NONE = "none"
+    CLIENT = "client"  # meme logits + log(client label prior): no mass on unseen classes
+
+
+@dataclass(frozen=True)
+class Distill:
+    """The mutual-learning variant: every option is a run-config key (``distill-*``)."""
+
+    weighting: DistillWeighting = DistillWeighting.FIXED
+    gate: DistillGate = DistillGate.NONE
+    gate_threshold: float = 0.5
+    prior: DistillPrior = DistillPrior.NONE
+
+
+def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) per sample; the teacher is detached.
+
+    T² keeps the gradient scale independent of T.
+    """
+    t = temperature
+    log_p_student = F.log_softmax(student_logits / t, dim=1)
+    log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=1)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(1)
+    return kl * (t * t)
+
+
 def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                     temperature: float = 1.0) -> torch.Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)), batch-mean; the teacher is detached.
+    """The batch mean of :func:`kl_per_sample`.
 
     ``reduction="batchmean"`` is the true KL per sample (``"mean"`` would also divide by
-    the number of classes), and T² keeps the gradient scale independent of T.
+    the number of classes).
     """
     t = temperature
     log_p_student = F.log_softmax(student_logits / t, dim=1)
@@ -25,25 +71,60 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kl * (t * t)
 
 
+def _distill_term(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
+                  temperature: float, distill: Distill) -> torch.Tensor:
+    """The batch mean of the (gated) per-sample KL toward ``teacher``."""
+    if distill.gate is DistillGate.NONE:
+        return distillation_kl(student, teacher, temperature)
+    return (kl_per_sample(student, teacher, temperature) * _gate(teacher, y, distill)).mean()
+
+
+def _gate(teacher_logits: torch.Tensor, y: torch.Tensor, distill: Distill) -> torch.Tensor:
+    """1 where a sample's KL toward this teacher counts, else 0 (no gradient)."""
+    if distill.gate is DistillGate.CORRECT:
+        return (teacher_logits.detach().argmax(1) == y).float()
+    if distill.gate is DistillGate.CONFIDENT:
+        top = F.softmax(teacher_logits.detach(), dim=1).max(1).values
+        return (top >= distill.gate_threshold).float()
+    return torch.ones_like(y, dtype=torch.float)
+
+
+def label_log_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """log of the client's label distribution, add-one smoothed (no class gets -inf)."""
+    counts = torch.bincount(y, minlength=num_classes).float() + 1.0
+    return (counts / counts.sum()).log()
+
+
 def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor,
                   alpha: float, beta: float, temperature: float = 1.0,
+                  distill: Distill = Distill(), log_prior: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two FML losses on one batch.
+    """The two FML losses on one batch, and every variant of them.
 
-    L_local = α·CE(local, y) + (1-α)·KL(p_meme ‖ p_local)
-    L_meme  = β·CE(meme, y)  + (1-β)·KL(p_local ‖ p_meme)
+    L_local = α·CE(local, y) + (1-α)·w·mean_i g_i^meme·KL_i(p_meme ‖ p_local)
+    L_meme  = β·CE(meme, y)  + (1-β)·w·mean_i g_i^local·KL_i(p_local ‖ p_meme)
 
-    Each KL's teacher is detached, so L_local's gradient reaches only the local model and
+    ``w`` is 1 (``fixed``) or 1 / (CE_local + CE_meme) of the batch, detached
+    (``adaptive``: a teacher that is still poor pulls less). ``g_i`` gates a sample's KL
+    toward that teacher (``correct``: it predicts y_i; ``confident``: its top probability
+    is at least the threshold); every sample keeps its CE. With ``log_prior`` (the
+    client's label prior, :func:`label_log_prior`) the meme teaches with its logits plus
+    that prior, so it stops pulling the private model toward classes the client never
+    sees. Each KL's teacher is detached: L_local's gradient reaches only the local model,
     L_meme's only the meme. With α = β = 1 this is two independent cross-entropy losses.
     """
-    loss_local = alpha * F.cross_entropy(local_logits, y)
-    loss_meme = beta * F.cross_entropy(meme_logits, y)
+    ce_local = F.cross_entropy(local_logits, y)
+    ce_meme = F.cross_entropy(meme_logits, y)
+    loss_local, loss_meme = alpha * ce_local, beta * ce_meme
+    weight = (1.0 / (ce_local + ce_meme).detach().clamp_min(1e-8)
+              if distill.weighting is DistillWeighting.ADAPTIVE else 1.0)
     if alpha < 1:
-        loss_local = loss_local + (1 - alpha) * distillation_kl(local_logits, meme_logits,
-                                                                temperature)
+        teacher = meme_logits if log_prior is None else meme_logits + log_prior
+        loss_local = loss_local + (1 - alpha) * weight * _distill_term(
+            local_logits, teacher, y, temperature, distill)
     if beta < 1:
-        loss_meme = loss_meme + (1 - beta) * distillation_kl(meme_logits, local_logits,
-                                                             temperature)
+        loss_meme = loss_meme + (1 - beta) * weight * _distill_term(
+            meme_logits, local_logits, y, temperature, distill)
     return loss_local, loss_meme
 
 
@@ -63,6 +144,7 @@ class Hyper:
     proximal_mu: float = 0.0
     batch_size: int = 32
     epochs: int = 1
+    distill: Distill = field(default_factory=Distill)
 
 
 @dataclass
@@ -106,6 +188,8 @@ def train_epochs(
     n_seen = skipped = 0
     n_loss = {"l": 0, "m": 0}  # samples whose loss was finite (and stepped on)
     x, y = x.to(device), y.to(device)
+    log_prior = None
+    want_prior = mutual and hp.distill.prior is DistillPrior.CLIENT
     for _ in range(hp.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for start in range(0, len(y), hp.batch_size):
@@ -113,6 +197,8 @@ def train_epochs(
             xb, yb = x[batch], y[batch]
             out_l = local(xb) if local is not None else None
             out_m = meme(xb) if meme is not None else None
+            if want_prior and log_prior is None:
+                log_prior = label_log_prior(y, out_m.shape[1])
             if mutual:
                 # a diverged model (non-finite logits) is never a teacher: the other one
                 # learns from the labels alone, so a meme blown up by DP noise or a bad
@@ -120,7 +206,8 @@ def train_epochs(
                 finite_l, finite_m = bool(out_l.isfinite().all()), bool(out_m.isfinite().all())
                 loss_l, loss_m = mutual_losses(out_l, out_m, yb,
                                                hp.alpha if finite_m else 1.0,
-                                               hp.beta if finite_l else 1.0, hp.temperature)
+                                               hp.beta if finite_l else 1.0, hp.temperature,
+                                               hp.distill, log_prior)
             else:
                 loss_l = F.cross_entropy(out_l, yb) if out_l is not None else None
                 loss_m = F.cross_entropy(out_m, yb) if out_m is not None else None

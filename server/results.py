@@ -21,6 +21,9 @@ METRIC_KEYS = (
     "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
     "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm",
 )
+#: per client and evaluated round, in ``clients.json``
+CLIENT_KEYS = ("key", "num_train", "num_test", "local_accuracy", "local_loss",
+               "meme_accuracy", "meme_loss")
 
 
 def project_dir() -> Path:
@@ -79,7 +82,9 @@ class RunLog:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.records: list[dict[str, Any]] = []
+        self.clients: list[dict[str, Any]] = []  # {"round": R, "clients": [...]} per round
         self._current: dict[str, Any] | None = None
+        self._current_clients: list[dict[str, Any]] = []
         self._t0 = 0.0
 
     @classmethod
@@ -101,8 +106,15 @@ class RunLog:
         """Continue a run folder from a checkpoint's records (later ones are dropped)."""
         log = cls(run_dir)
         log.records = list(records)
+        last = records[-1]["round"] if records else 0
+        try:
+            saved = json.loads((run_dir / "clients.json").read_text())
+        except (OSError, ValueError):
+            saved = []
+        log.clients = [r for r in saved if isinstance(r, dict) and r.get("round", 0) <= last]
         write_json_atomic(run_dir / "config.json", cfg.to_dict())
         write_json_atomic(run_dir / "metrics.json", log.records)
+        write_json_atomic(run_dir / "clients.json", log.clients)
         return log
 
     @property
@@ -115,7 +127,13 @@ class RunLog:
         self._current = {k: None for k in METRIC_KEYS}
         self._current.update(round=server_round, bytes_up=0, bytes_down=0, num_clients=0,
                              rejected_updates=0, failed_clients=0, skipped=False)
+        self._current_clients = []
         self._t0 = time.perf_counter()
+
+    def set_clients(self, clients: list[dict[str, Any]]) -> None:
+        """The open round's per-client evaluation (``CLIENT_KEYS`` each, by client key)."""
+        self._current_clients = [{k: _clean(c.get(k)) for k in CLIENT_KEYS}
+                                 for c in sorted(clients, key=lambda c: c["key"])]
 
     def set(self, **values: Any) -> None:
         """Set keys of the open round (ignored before the first round opens)."""
@@ -133,6 +151,10 @@ class RunLog:
             return
         self._current["seconds"] = round(time.perf_counter() - self._t0, 3)
         self.records.append(self._current)
+        if self._current_clients:
+            self.clients.append({"round": self._current["round"],
+                                 "clients": self._current_clients})
+            write_json_atomic(self.run_dir / "clients.json", self.clients)
         self._current = None
         write_json_atomic(self.run_dir / "metrics.json", self.records)
 

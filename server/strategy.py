@@ -352,9 +352,23 @@ class MemeStrategyMixin:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
-        """Sample-weighted client accuracies, recorded as local/meme accuracy."""
-        metrics = super().aggregate_evaluate(server_round + self.round_offset,
-                                             self.sort_replies(replies))
+        """Sample-weighted client accuracies, recorded as local/meme accuracy; and each
+        client's own numbers, by client key (``clients.json``)."""
+        replies = self.sort_replies(replies)
+        clients = []
+        for m in replies:
+            if m.has_error() or "metrics" not in m.content.metric_records:
+                continue
+            got = m.content.metric_records["metrics"]
+            node = m.metadata.src_node_id
+            info = self.client_info.get(node, {})
+            clients.append({
+                "key": self.client_keys.get(node, _UNKNOWN_KEY), "num_test": got.get(
+                    "num-examples"), "num_train": info.get("num-train"),
+                **{k.replace("-", "_"): got.get(k) for k in (
+                    "local-accuracy", "local-loss", "meme-accuracy", "meme-loss")}})
+        self.run_log.set_clients(clients)
+        metrics = super().aggregate_evaluate(server_round + self.round_offset, replies)
         if metrics is not None:
             self.run_log.set(local_accuracy=metrics.get("local-accuracy"),
                              meme_accuracy=metrics.get("meme-accuracy"))

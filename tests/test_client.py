@@ -135,3 +135,23 @@ def test_secure_aggregation_sums_only_the_floating_arrays_of_a_batchnorm_meme():
     running_var = sent[floats.index("0.1.running_var")]
     assert not np.allclose(running_var, 1.0)
     assert reply.num_examples > 9 * 8  # more than 9 batches: the old check failed here
+
+
+def _private_after(run: dict, rounds: int) -> list[dict[str, np.ndarray]]:
+    ctx = make_context(run)
+    out = []
+    for r in range(1, rounds + 1):
+        client_app.train(_train_message(_meme_state(), server_round=r), ctx)
+        out.append({k: v.numpy().copy() for k, v in private.stored_model(ctx).items()})
+    return out
+
+
+def test_warmup_rounds_train_the_private_model_on_labels_only():
+    """warmup-rounds=1: the first training equals α = 1 (labels only), bit for bit; the
+    second distils again, and then differs from α = 1."""
+    warm = _private_after({**RUN, "alpha": 0.5, "warmup-rounds": 1}, 2)
+    labels_only = _private_after({**RUN, "alpha": 1.0}, 2)
+    distilling = _private_after({**RUN, "alpha": 0.5}, 1)
+    assert all(np.array_equal(warm[0][k], labels_only[0][k]) for k in warm[0])
+    assert not all(np.array_equal(warm[0][k], distilling[0][k]) for k in warm[0])
+    assert not all(np.array_equal(warm[1][k], labels_only[1][k]) for k in warm[1])

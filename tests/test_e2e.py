@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.models import TaskSpec, build_model
-from server.results import METRIC_KEYS
+from server.results import CLIENT_KEYS, METRIC_KEYS
 
 pytestmark = pytest.mark.e2e
 BASE = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "num-server-rounds": 2,
@@ -37,6 +37,18 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
         assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["central_meme_accuracy"] <= 1
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["dataset"] == "digits" and cfg["alpha"] == 0.5
+    # per client, by key: the round's sample-weighted means are made of exactly these
+    clients = json.loads((run_dir / "clients.json").read_text())
+    assert [c["round"] for c in clients] == [1, 2]
+    for rec, rnd in zip(records, clients, strict=True):
+        rows = rnd["clients"]
+        assert [c["key"] for c in rows] == [0, 1, 2] and all(tuple(c) == CLIENT_KEYS for c in rows)
+        assert all(c["num_train"] > 0 and c["num_test"] > 0 for c in rows)
+        for model in ("local", "meme"):
+            n = sum(c["num_test"] for c in rows)
+            mean = sum(c[f"{model}_accuracy"] * c["num_test"] for c in rows) / n
+            assert rec[f"{model}_accuracy"] == pytest.approx(mean, rel=1e-9)
+            assert all(c[f"{model}_loss"] > 0 for c in rows)
     state = torch.load(run_dir / "meme_final.pt", weights_only=True)
     assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
     assert "fedmutual summary: local accuracy best" in out

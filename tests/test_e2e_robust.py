@@ -122,6 +122,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorit
     cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67}
     full, _, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
     assert _strip(resumed) == _strip(full)
+    per_client = [json.loads((tmp_path / r / "clients.json").read_text())
+                  for r in ("full", "part")]
+    assert per_client[0] == per_client[1] and len(per_client[0]) == 4
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert all(not math.isnan(r["meme_accuracy"]) for r in resumed)
 

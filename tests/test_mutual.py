@@ -165,3 +165,94 @@ def test_proximal_term_pulls_towards_anchor():
                                                                strict=True))
 
     assert drift(1.0) < drift(0.0)
+
+
+# ---------------------------------------------------------------- variants (distill-*)
+from common.mutual import (  # noqa: E402
+    Distill,
+    DistillGate,
+    DistillPrior,
+    DistillWeighting,
+    label_log_prior,
+)
+
+LOCAL = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [0.3, 0.2, 0.1]])
+MEME = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, -2.0], [3.0, 0.0, 0.0]])
+Y = torch.tensor([0, 1, 0])
+
+
+def _ce(row, c):
+    return -math.log(_softmax(row)[c])
+
+
+def _kl(student_row, teacher_row):  # KL(p_teacher || p_student) of one sample
+    ps, pt = _softmax(student_row), _softmax(teacher_row)
+    return sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True))
+
+
+def _rows(t):
+    return t.tolist()
+
+
+def test_adaptive_weighting_divides_each_kl_by_the_batch_task_losses():
+    alpha, beta = 0.4, 0.7
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
+    kl_l = sum(_kl(s, t) for s, t in zip(_rows(LOCAL), _rows(MEME), strict=True)) / 3
+    kl_m = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    ll, lm = mutual_losses(LOCAL, MEME, Y, alpha, beta,
+                           distill=Distill(weighting=DistillWeighting.ADAPTIVE))
+    assert ll.item() == pytest.approx(alpha * ce_l + (1 - alpha) * kl_l / (ce_l + ce_m), rel=1e-6)
+    assert lm.item() == pytest.approx(beta * ce_m + (1 - beta) * kl_m / (ce_l + ce_m), rel=1e-6)
+
+
+def test_correct_gate_counts_only_samples_the_teacher_gets_right():
+    # meme argmax: [1, 0 (tie 0/1 -> first), 0] vs y [0, 1, 0]: right only on sample 2
+    # local argmax: [0, 1, 0]: right on all three
+    alpha, beta = 0.5, 0.5
+    ll, lm = mutual_losses(LOCAL, MEME, Y, alpha, beta, distill=Distill(gate=DistillGate.CORRECT))
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
+    kl_into_local = _kl(_rows(LOCAL)[2], _rows(MEME)[2]) / 3  # sample 2 only, batch mean
+    kl_into_meme = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    assert ll.item() == pytest.approx(alpha * ce_l + (1 - alpha) * kl_into_local, rel=1e-6)
+    assert lm.item() == pytest.approx(beta * ce_m + (1 - beta) * kl_into_meme, rel=1e-6)
+
+
+def test_confident_gate_uses_the_teachers_top_probability():
+    # meme's top probabilities: 0.576, 0.475, 0.909; threshold 0.5 keeps samples 0 and 2
+    tops = [max(_softmax(r)) for r in _rows(MEME)]
+    assert tops[0] > 0.5 > tops[1] and tops[2] > 0.5
+    ll, _ = mutual_losses(LOCAL, MEME, Y, 0.2, 1.0,
+                          distill=Distill(gate=DistillGate.CONFIDENT, gate_threshold=0.5))
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    kl = (_kl(_rows(LOCAL)[0], _rows(MEME)[0]) + _kl(_rows(LOCAL)[2], _rows(MEME)[2])) / 3
+    assert ll.item() == pytest.approx(0.2 * ce_l + 0.8 * kl, rel=1e-6)
+
+
+def test_prior_correction_shifts_the_memes_teaching_by_the_client_label_prior():
+    y_train = torch.tensor([0, 0, 0, 1])  # class 2 never seen: add-one prior (4, 2, 1) / 7
+    log_prior = label_log_prior(y_train, 3)
+    assert log_prior.tolist() == pytest.approx([math.log(4 / 7), math.log(2 / 7),
+                                                math.log(1 / 7)], rel=1e-6)
+    ll, lm = mutual_losses(LOCAL, MEME, Y, 0.5, 0.5, log_prior=log_prior)
+    shifted = [[v + p for v, p in zip(r, log_prior.tolist(), strict=True)] for r in _rows(MEME)]
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
+    kl_l = sum(_kl(s, t) for s, t in zip(_rows(LOCAL), shifted, strict=True)) / 3
+    kl_m = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    assert ll.item() == pytest.approx(0.5 * ce_l + 0.5 * kl_l, rel=1e-6)
+    assert lm.item() == pytest.approx(0.5 * ce_m + 0.5 * kl_m, rel=1e-6)  # meme's own loss
+    assert Distill().prior is DistillPrior.NONE
+
+
+def test_gated_and_adaptive_losses_keep_the_gradients_apart():
+    torch.manual_seed(2)
+    local, meme = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ll, lm = mutual_losses(local(x), meme(x), y, 0.5, 0.5, 2.0, Distill(
+        DistillWeighting.ADAPTIVE, DistillGate.CONFIDENT, 0.2), label_log_prior(y, 3))
+    ll.backward()
+    assert all(p.grad is None for p in meme.parameters())
+    lm.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in meme.parameters())
