@@ -5,7 +5,9 @@
 Reads ``<root>/<preset>/<algorithm>-seed<seed>/{metrics,config}.json`` and writes
 ``results.md`` (per preset and algorithm: accuracies best and final, mean ± std over seeds,
 wall time, bytes sent), ``accuracy-<preset>.png`` (accuracy per round, mean over seeds with
-a ±std band) and ``labels-<preset>.png`` (each client's label distribution).
+a ±std band) and ``labels-<preset>.png`` (each client's label distribution); from each
+run's ``clients.json`` a per-client table and ``client-gains.png``
+(:mod:`simulations.clients_report`).
 
 Runs with the privacy switches (their config has ``dp-mode``) and ``uniform`` aggregation
 (which DP requires, so the ε = ∞ baseline uses it too) also go into a privacy/utility table
@@ -26,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from simulations.clients_report import client_table, plot_gains
+
 RUN_DIR = re.compile(r"^(?P<algorithm>[a-z]+)-seed(?P<seed>\d+)$")
 ORDER = ["fml", "fedavg", "fedprox", "local"]
 # The client-side accuracy each algorithm is judged by: FML's and local's private model,
@@ -45,8 +49,10 @@ def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
         config = json.loads((metrics.parent / "config.json").read_text())
         if len(records) < int(config["num-server-rounds"]):
             continue  # unfinished: the grid will resume it
+        clients = metrics.parent / "clients.json"
         runs[metrics.parent.parent.name][m["algorithm"]].append(
-            {"seed": int(m["seed"]), "records": records, "config": config})
+            {"seed": int(m["seed"]), "records": records, "config": config,
+             "clients": json.loads(clients.read_text()) if clients.exists() else []})
     if not runs:
         raise SystemExit(f"no finished runs under {root} (expected <preset>/<algo>-seed<N>/)")
     return runs
@@ -263,7 +269,12 @@ def write_report(root: Path, out: Path) -> list[Path]:
     privacy = privacy_table(runs)
     if privacy:
         text += "\n## Privacy/utility\n\n" + privacy
+    per_client = client_table(runs, PERSONAL_KEY)
+    if per_client:
+        text += "\n## Per client (final round)\n\n" + per_client
     (out / "results.md").write_text(text)
+    if plot_gains(runs, PERSONAL_KEY, out / "client-gains.png"):
+        written.append(out / "client-gains.png")
     if plot_privacy(runs, out / "privacy-utility.png"):
         written.append(out / "privacy-utility.png")
     for preset, algos in runs.items():

@@ -93,3 +93,37 @@ def test_privacy_table_orders_runs_by_epsilon_and_plots(tmp_path):
     assert plot_privacy(runs, tmp_path / "p.png")
     assert mpimg.imread(tmp_path / "p.png").shape[2] in (3, 4)
     assert not privacy_table({"plain": runs["plain"]})
+
+
+def test_per_client_statistics_against_hand_computed_values(tmp_path):
+    from simulations.clients_report import client_table, gain_summary, gains, plot_gains, summary
+
+    def row(key, n_train, n_test, acc):
+        return {"key": key, "num_train": n_train, "num_test": n_test, "local_accuracy": acc,
+                "local_loss": 0.1, "meme_accuracy": 0.5, "meme_loss": 1.0}
+
+    fml = [row(0, 100, 30, 0.9), row(1, 10, 5, 0.95), row(2, 50, 15, 0.8), row(3, 20, 10, 0.7)]
+    local = [row(0, 100, 30, 0.92), row(1, 10, 5, 0.8), row(2, 50, 15, 0.8),
+             row(3, 20, 10, 0.75), row(9, 5, 5, 0.1)]  # key 9: not in the FML run
+    s = summary(fml, "local_accuracy")
+    assert s["weighted"] == pytest.approx((27 + 4.75 + 12 + 7) / 60)
+    assert s["unweighted"] == pytest.approx(3.35 / 4)
+    assert s["worst25"] == pytest.approx(0.7)  # one client of four: the worst, key 3
+    assert s["smallest25"] == pytest.approx(0.95)  # the least training data, key 1
+    pairs = gains(fml, "local_accuracy", local)
+    assert [n for n, _ in sorted(pairs)] == [10, 20, 50, 100]
+    assert [g for _, g in sorted(pairs)] == pytest.approx([0.15, -0.05, 0.0, -0.02])
+    g = gain_summary(pairs)
+    assert g["gain"] == pytest.approx(0.02) and g["share"] == 0.25
+    assert g["gain_smallest25"] == pytest.approx(0.15)
+
+    def run(rows):
+        return {"seed": 0, "config": {}, "records": [], "clients": [
+            {"round": 1, "clients": [row(k, 1, 1, 0.0) for k in range(4)]},
+            {"round": 2, "clients": rows}]}  # the final round counts
+
+    runs = {"p": {"fml": [run(fml)], "local": [run(local)]}}
+    text = client_table(runs, {"fml": "local_accuracy", "local": "local_accuracy"})
+    assert "| p | fml | 1 | 84.58 | 83.75 | 70.00 | 95.00 | +2.00 | 25.00 | +15.00 |" in text
+    assert "| p | local | 1 |" in text and plot_gains(runs, {}, tmp_path / "g.png")
+    assert mpimg.imread(tmp_path / "g.png").shape[2] in (3, 4)
