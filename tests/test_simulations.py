@@ -4,6 +4,7 @@ import json
 import tomllib
 
 import matplotlib.image as mpimg
+import numpy as np
 import pytest
 
 from common.config import load_config
@@ -127,3 +128,34 @@ def test_per_client_statistics_against_hand_computed_values(tmp_path):
     assert "| p | fml | 1 | 84.58 | 83.75 | 70.00 | 95.00 | +2.00 | 25.00 | +15.00 |" in text
     assert "| p | local | 1 |" in text and plot_gains(runs, {}, tmp_path / "g.png")
     assert mpimg.imread(tmp_path / "g.png").shape[2] in (3, 4)
+
+
+def test_teacher_mass_on_unseen_classes_against_a_constant_teacher(tmp_path):
+    """A meme whose last layer ignores its input predicts softmax(b) for every sample, so
+    each client's unseen mass is the sum of softmax(b) over its missing classes."""
+    import torch
+
+    from common.data import load_client_data
+    from common.models import TaskSpec, build_model
+    from simulations.teacher_mass import unseen_mass
+
+    run = {"dataset": "digits", "meme-model": "mlp", "partitioner": "pathological",
+           "classes-per-client": 3, "seed": 1}
+    (tmp_path / "config.json").write_text(json.dumps(run))
+    meme = build_model("mlp", TaskSpec(1, 8, 10)).state_dict()
+    bias = torch.linspace(-2, 2, 10)
+    meme["5.weight"].zero_()
+    meme["5.bias"].copy_(bias)
+    torch.save(meme, tmp_path / "meme_final.pt")
+    rows = unseen_mass(tmp_path, 4)
+    p = np.exp(bias.numpy()) / np.exp(bias.numpy()).sum()
+    for r in rows:
+        y = load_client_data(load_config(run), r["client"], 4).y_train.numpy()
+        counts = np.bincount(y, minlength=10)
+        unseen = counts == 0
+        assert r["classes_seen"] == 10 - unseen.sum() <= 3
+        assert r["unseen_mass"] == pytest.approx(p[unseen].sum(), rel=1e-5)
+        shifted = p * (counts + 1) / (counts + 1).sum()
+        assert r["unseen_mass_corrected"] == pytest.approx(
+            (shifted / shifted.sum())[unseen].sum(), rel=1e-5)
+        assert r["unseen_mass_corrected"] < r["unseen_mass"]
