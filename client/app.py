@@ -23,7 +23,7 @@ from common.config import Aggregation, Config, load_config
 from common.data import ClientData, load_client_data
 from common.faults import apply_to_update
 from common.models import TaskSpec, build_model
-from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
+from common.mutual import Hyper, evaluate, evaluate_mixture, make_optimizer, train_epochs
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device
 
@@ -135,12 +135,14 @@ def train(msg: Message, context: Context) -> Message:
                beta=cfg.beta if algo.distills else 1.0,
                temperature=cfg.temperature,
                proximal_mu=float(config.get("proximal-mu", 0.0)),
-               batch_size=cfg.batch_size, epochs=cfg.local_epochs, distill=cfg.distill)
+               batch_size=cfg.batch_size, epochs=cfg.local_epochs, distill=cfg.distill,
+               mix=priv.mix if cfg.personal_mix and priv is not None else None, mix_lr=cfg.lr)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     stats = train_epochs(priv.model if priv else None, meme, priv.optimizer if priv else None,
                          opt_meme, data.x_train, data.y_train, hp, gen, device)
     if priv is not None:
+        priv.mix = stats.mix if stats.mix is not None else priv.mix
         priv.node_round += 1
         priv.server_round, priv.lineage = server_round, lineage
         private.store(context, priv, node)
@@ -150,6 +152,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
     if meme is not None:
         metrics.update({"train-loss-meme": stats.loss_meme, "train-acc-meme": stats.acc_meme})
+    if stats.mix is not None:
+        metrics["mix-weight"] = stats.mix
     if secure:
         return Message(_secure_reply(cfg, meme.state_dict(), stats.num_examples, metrics),
                        reply_to=msg)
@@ -182,4 +186,8 @@ def evaluate_both(msg: Message, context: Context) -> Message:
         meme = _meme(cfg, spec, msg.content["arrays"], device)
         loss, acc = evaluate(meme, data.x_test, data.y_test, device)
         metrics.update({"meme-loss": loss, "meme-accuracy": acc})
+    if cfg.personal_mix:  # the client's personalised model: its mixture of the two
+        loss, acc = evaluate_mixture(priv.model, meme, priv.mix, data.x_test, data.y_test,
+                                     device)
+        metrics.update({"mix-loss": loss, "mix-accuracy": acc, "mix-weight": priv.mix})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -135,6 +135,7 @@ class PrivateModel:
     node_round: int = 0
     server_round: int = 0
     lineage: str = ""
+    mix: float = 0.5  # personal-mix: the private model's weight in the client's mixture
 
 
 def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
@@ -160,6 +161,7 @@ def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
                                context.state.config_records[_OPTIM_SCALARS])
         priv.node_round, priv.server_round = int(meta["node-round"]), int(meta["server-round"])
         priv.lineage = str(meta["lineage"])
+        priv.mix = float(meta.get("mix", 0.5))
         return priv
     path = node.state_file
     if path is not None and not cfg.reset_private:
@@ -177,11 +179,11 @@ def store(context: Context, priv: PrivateModel, node: NodeInfo) -> None:
     context.state[_OPTIM_SCALARS] = scalars
     context.state[_META] = ConfigRecord({
         "arch": priv.arch, "node-round": priv.node_round, "server-round": priv.server_round,
-        "lineage": priv.lineage})
+        "lineage": priv.lineage, "mix": priv.mix})
     if node.state_file is not None:
         _write_atomic(node.state_file, {
             "format": FILE_FORMAT, "arch": priv.arch, "node_round": priv.node_round,
-            "server_round": priv.server_round, "lineage": priv.lineage,
+            "server_round": priv.server_round, "lineage": priv.lineage, "mix": priv.mix,
             "model": {k: v.detach().cpu() for k, v in priv.model.state_dict().items()},
             "optimizer": _cpu(priv.optimizer.state_dict())})
 
@@ -262,3 +264,4 @@ def _load_saved(priv: PrivateModel, saved: dict, path: Path) -> None:
                                 f"{exc}") from None
     priv.node_round, priv.server_round = int(saved["node_round"]), int(saved["server_round"])
     priv.lineage = str(saved["lineage"])
+    priv.mix = float(saved.get("mix", 0.5))  # files from before personal-mix: the default

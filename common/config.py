@@ -164,6 +164,7 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("distill-gate-threshold", float, 0.5, _in(0, 1), "a number in [0, 1]"),
     _Key("distill-prior", DistillPrior, DistillPrior.NONE),
     _Key("warmup-rounds", int, 0, _non_negative, "an integer >= 0"),
+    _Key("personal-mix", bool, False),
     _Key("proximal-mu", float, 0.01, _non_negative, "a number >= 0"),
     _Key("aggregation", Aggregation, Aggregation.WEIGHTED),
     _Key("trimmed-mean-beta", float, 0.2, _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
@@ -235,6 +236,7 @@ class Config:
     distill_gate_threshold: float
     distill_prior: DistillPrior
     warmup_rounds: int
+    personal_mix: bool
     proximal_mu: float
     aggregation: Aggregation
     trimmed_mean_beta: float
@@ -358,6 +360,10 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     if cfg.aggregation.robust and cfg.algorithm is Algorithm.LOCAL:
         raise ConfigError(f"run-config key 'aggregation' = {cfg.aggregation.value!r} needs a "
                           "meme, but algorithm 'local' aggregates nothing: expected 'weighted'")
+    if cfg.personal_mix and cfg.algorithm is not Algorithm.FML:
+        raise ConfigError(f"run-config key 'personal-mix' = true mixes the private model and "
+                          f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "
+                          "expected algorithm 'fml'")
     _check_privacy(cfg)
     return cfg
 

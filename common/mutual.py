@@ -128,6 +128,21 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
     return loss_local, loss_meme
 
 
+def mixture_step(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor,
+                 weight: float, lr: float) -> float:
+    """One SGD step on the personal mixture's weight (APFL, Deng et al. 2020).
+
+    The client's prediction is ``w·softmax(local) + (1-w)·softmax(meme)``; ``w`` descends
+    the batch's mean cross-entropy of that mixture, d/dw = -mean((p_l[y] - p_m[y]) / p[y]),
+    and stays in [0, 1]. The models' outputs are detached: only ``w`` learns here.
+    """
+    p_l = F.softmax(local_logits.detach(), 1).gather(1, y[:, None])[:, 0]
+    p_m = F.softmax(meme_logits.detach(), 1).gather(1, y[:, None])[:, 0]
+    mixed = (weight * p_l + (1 - weight) * p_m).clamp_min(1e-12)
+    grad = -((p_l - p_m) / mixed).mean().item()
+    return min(1.0, max(0.0, weight - lr * grad))
+
+
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """½·‖w − w_global‖² over the trainable parameters (FedProx); multiply by μ."""
     return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor,
@@ -145,6 +160,8 @@ class Hyper:
     batch_size: int = 32
     epochs: int = 1
     distill: Distill = field(default_factory=Distill)
+    mix: float | None = None  # personal-mix: the mixture weight to learn (None: off)
+    mix_lr: float = 0.01
 
 
 @dataclass
@@ -157,6 +174,7 @@ class TrainStats:
     acc_local: float | None
     acc_meme: float | None
     skipped_steps: int = 0  # optimizer steps not taken because the loss was NaN/Inf
+    mix: float | None = None  # the learned mixture weight (personal-mix), else None
 
 
 def train_epochs(
@@ -190,6 +208,7 @@ def train_epochs(
     x, y = x.to(device), y.to(device)
     log_prior = None
     want_prior = mutual and hp.distill.prior is DistillPrior.CLIENT
+    mix = hp.mix if mutual else None
     for _ in range(hp.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for start in range(0, len(y), hp.batch_size):
@@ -197,6 +216,8 @@ def train_epochs(
             xb, yb = x[batch], y[batch]
             out_l = local(xb) if local is not None else None
             out_m = meme(xb) if meme is not None else None
+            if mix is not None and bool(out_l.isfinite().all() and out_m.isfinite().all()):
+                mix = mixture_step(out_l, out_m, yb, mix, hp.mix_lr)
             if want_prior and log_prior is None:
                 log_prior = label_log_prior(y, out_m.shape[1])
             if mutual:
@@ -234,7 +255,7 @@ def train_epochs(
         return None if model is None else (sums[key] / n if n else float("nan"))
 
     return TrainStats(len(y), mean("ll", local, n_loss["l"]), mean("lm", meme, n_loss["m"]),
-                      mean("cl", local, n_seen), mean("cm", meme, n_seen), skipped)
+                      mean("cl", local, n_seen), mean("cm", meme, n_seen), skipped, mix)
 
 
 @torch.no_grad()
@@ -251,6 +272,25 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
         out = model(xb)
         loss += F.cross_entropy(out, yb, reduction="sum").item()
         correct += (out.argmax(1) == yb).sum().item()
+    return loss / len(y), correct / len(y)
+
+
+@torch.no_grad()
+def evaluate_mixture(local: nn.Module, meme: nn.Module, weight: float, x: torch.Tensor,
+                     y: torch.Tensor, device: torch.device, batch_size: int = 512,
+                     ) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``w·softmax(local) + (1-w)·softmax(meme)``."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    local.eval()
+    meme.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = y[start:start + batch_size].to(device)
+        p = weight * F.softmax(local(xb), 1) + (1 - weight) * F.softmax(meme(xb), 1)
+        loss += F.nll_loss(p.clamp_min(1e-12).log(), yb, reduction="sum").item()
+        correct += (p.argmax(1) == yb).sum().item()
     return loss / len(y), correct / len(y)
 
 

@@ -19,11 +19,11 @@ METRIC_KEYS = (
     "round", "local_accuracy", "meme_accuracy", "central_meme_accuracy", "train_loss_local",
     "train_loss_meme", "num_clients", "rejected_updates", "failed_clients", "skipped",
     "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
-    "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm",
+    "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm", "mix_accuracy",
 )
 #: per client and evaluated round, in ``clients.json``
 CLIENT_KEYS = ("key", "num_train", "num_test", "local_accuracy", "local_loss",
-               "meme_accuracy", "meme_loss")
+               "meme_accuracy", "meme_loss", "mix_accuracy", "mix_loss", "mix_weight")
 
 
 def project_dir() -> Path:

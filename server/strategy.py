@@ -366,12 +366,14 @@ class MemeStrategyMixin:
                 "key": self.client_keys.get(node, _UNKNOWN_KEY), "num_test": got.get(
                     "num-examples"), "num_train": info.get("num-train"),
                 **{k.replace("-", "_"): got.get(k) for k in (
-                    "local-accuracy", "local-loss", "meme-accuracy", "meme-loss")}})
+                    "local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
+                    "mix-accuracy", "mix-loss", "mix-weight")}})
         self.run_log.set_clients(clients)
         metrics = super().aggregate_evaluate(server_round + self.round_offset, replies)
         if metrics is not None:
             self.run_log.set(local_accuracy=metrics.get("local-accuracy"),
-                             meme_accuracy=metrics.get("meme-accuracy"))
+                             meme_accuracy=metrics.get("meme-accuracy"),
+                             mix_accuracy=metrics.get("mix-accuracy"))
         return metrics
 
 

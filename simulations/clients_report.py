@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 Row = dict[str, Any]
+#: the accuracy a run is judged by: (algorithm, run) -> clients.json key
+PersonalKey = Callable[[str, dict[str, Any]], str]
 
 
 def quarter(n: int) -> int:
@@ -73,7 +75,7 @@ def _pct(values: list[float], signed: bool = False) -> str:
 
 
 def client_table(runs: dict[str, dict[str, list[dict[str, Any]]]],
-                 personal_key: dict[str, str]) -> str:
+                 personal_key: PersonalKey) -> str:
     """Markdown: per preset and algorithm, the per-client statistics (mean ± std over seeds)."""
     lines = ["| preset | algorithm | seeds | weighted | unweighted | worst 25 % "
              "| smallest 25 % | gain over local (clients) | clients that gain "
@@ -82,9 +84,9 @@ def client_table(runs: dict[str, dict[str, list[dict[str, Any]]]],
     for preset in sorted(runs):
         local_by_seed = {r["seed"]: final_clients(r) for r in runs[preset].get("local", [])}
         for algo, rs in sorted(runs[preset].items()):
-            key = personal_key.get(algo, "local_accuracy")
             cols: dict[str, list[float]] = {}
             for r in rs:
+                key = personal_key(algo, r)
                 rows = final_clients(r)
                 for name, v in summary(rows, key).items():
                     cols.setdefault(name, []).append(v)
@@ -105,7 +107,7 @@ def client_table(runs: dict[str, dict[str, list[dict[str, Any]]]],
 
 
 def plot_gains(runs: dict[str, dict[str, list[dict[str, Any]]]],
-               personal_key: dict[str, str], path: Path) -> bool:
+               personal_key: PersonalKey, path: Path) -> bool:
     """Each client's gain over local-only against its training-set size, per algorithm."""
     points: dict[str, list[tuple[int, float]]] = {}
     for preset, algos in sorted(runs.items()):
@@ -116,8 +118,7 @@ def plot_gains(runs: dict[str, dict[str, list[dict[str, Any]]]],
             for r in rs:
                 if r["seed"] in local_by_seed:
                     points.setdefault(f"{preset} / {algo}", []).extend(gains(
-                        final_clients(r), personal_key.get(algo, "local_accuracy"),
-                        local_by_seed[r["seed"]]))
+                        final_clients(r), personal_key(algo, r), local_by_seed[r["seed"]]))
     points = {k: v for k, v in points.items() if v}
     if not points:
         return False

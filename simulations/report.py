@@ -38,6 +38,13 @@ PERSONAL_KEY = {"fml": "local_accuracy", "local": "local_accuracy", "fedavg": "m
                 "fedprox": "meme_accuracy"}
 
 
+def personal_key(algo: str, run: dict[str, Any]) -> str:
+    """The accuracy a run is judged by: with ``personal-mix``, FML's mixture of the two."""
+    if algo == "fml" and run.get("config", {}).get("personal-mix"):
+        return "mix_accuracy"
+    return PERSONAL_KEY.get(algo, "local_accuracy")
+
+
 def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """``{preset: {algorithm: [run, ...]}}``; each run has ``seed``, ``records``, ``config``."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
@@ -172,7 +179,7 @@ def table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
             cols: dict[str, list[float]] = defaultdict(list)
             for r in rs:
                 rec = r["records"]
-                for key, name in ((PERSONAL_KEY.get(algo, "local_accuracy"), "pers"),
+                for key, name in ((personal_key(algo, r), "pers"),
                                   ("local_accuracy", "local"), ("meme_accuracy", "meme"),
                                   ("central_meme_accuracy", "central")):
                     s = _series(rec, key)
@@ -202,7 +209,7 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
               (axes[1], "central_meme_accuracy", "Global model on the central test set"))
     for ax, key, title in panels:
         for algo in sorted(algos, key=lambda a: ORDER.index(a) if a in ORDER else 99):
-            k = key or PERSONAL_KEY.get(algo, "local_accuracy")
+            k = key or personal_key(algo, algos[algo][0])
             series = [_series(r["records"], k) for r in algos[algo]]
             series = [s for s in series if s]
             if not series:
@@ -210,7 +217,8 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
             n = min(map(len, series))
             arr = 100 * np.array([s[:n] for s in series])
             x = np.arange(1, n + 1)
-            label = f"{algo} ({'private model' if k == 'local_accuracy' else 'global model'})"
+            what = {"local_accuracy": "private model", "mix_accuracy": "mixture"}
+            label = f"{algo} ({what.get(k, 'global model')})"
             ax.plot(x, arr.mean(0), marker="o", ms=3, label=label)
             if len(arr) > 1:
                 ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.2)
@@ -269,11 +277,11 @@ def write_report(root: Path, out: Path) -> list[Path]:
     privacy = privacy_table(runs)
     if privacy:
         text += "\n## Privacy/utility\n\n" + privacy
-    per_client = client_table(runs, PERSONAL_KEY)
+    per_client = client_table(runs, personal_key)
     if per_client:
         text += "\n## Per client (final round)\n\n" + per_client
     (out / "results.md").write_text(text)
-    if plot_gains(runs, PERSONAL_KEY, out / "client-gains.png"):
+    if plot_gains(runs, personal_key, out / "client-gains.png"):
         written.append(out / "client-gains.png")
     if plot_privacy(runs, out / "privacy-utility.png"):
         written.append(out / "privacy-utility.png")

@@ -155,3 +155,23 @@ def test_warmup_rounds_train_the_private_model_on_labels_only():
     assert all(np.array_equal(warm[0][k], labels_only[0][k]) for k in warm[0])
     assert not all(np.array_equal(warm[0][k], distilling[0][k]) for k in warm[0])
     assert not all(np.array_equal(warm[1][k], labels_only[1][k]) for k in warm[1])
+
+
+def test_personal_mix_learns_a_weight_keeps_it_and_scores_the_mixture():
+    run = {**RUN, "algorithm": "fml", "personal-mix": True}
+    ctx = make_context(run)
+    first = client_app.train(_train_message(_meme_state()), ctx).content["metrics"]
+    w1 = first["mix-weight"]
+    assert 0.0 <= w1 <= 1.0 and w1 != 0.5  # it learned from 0.5
+    assert ctx.state.config_records["private-meta"]["mix"] == w1  # kept with the model
+    second = client_app.train(_train_message(_meme_state(), 2), ctx).content["metrics"]
+    assert second["mix-weight"] != w1  # went on from w1, not from 0.5 again
+    msg = make_message(RecordDict({"arrays": to_record(_meme_state()),
+                                   "config": task_config(1, 8, 10, 2)}), MessageType.EVALUATE)
+    metrics = client_app.evaluate_both(msg, ctx).content["metrics"]
+    assert metrics["mix-weight"] == second["mix-weight"]
+    assert 0.0 <= metrics["mix-accuracy"] <= 1.0 and metrics["mix-loss"] > 0
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'personal-mix' = true .* expected algorithm 'fml'"):
+        load_config({**RUN, "algorithm": "fedavg", "personal-mix": True})

@@ -30,9 +30,9 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
     assert [r["round"] for r in records] == [1, 2]
     for r in records:
         assert tuple(r) == METRIC_KEYS
-        dp_keys = [k for k in METRIC_KEYS if k.startswith("dp_")]
+        dp_keys = [k for k in METRIC_KEYS if k.startswith("dp_") or k == "mix_accuracy"]
         assert all(r[k] is not None for k in METRIC_KEYS if k not in dp_keys), r
-        assert all(r[k] is None for k in dp_keys)  # no DP asked for, none reported
+        assert all(r[k] is None for k in dp_keys)  # no DP, no mixture: none reported
         assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
         assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["central_meme_accuracy"] <= 1
     cfg = json.loads((run_dir / "config.json").read_text())
@@ -74,12 +74,20 @@ def test_heterogeneous_private_models(simlink, tmp_path):
 
 
 def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):
+    """With the personal mixture on: it is reported per round and per client, and
+    reproducible like the rest."""
     runs = []
     for name in ("rep-a", "rep-b"):
-        _, run_dir = _run(simlink, tmp_path, name, **{"fraction-train": 0.67, "seed": 5})
+        _, run_dir = _run(simlink, tmp_path, name, **{"fraction-train": 0.67, "seed": 5,
+                                                      "personal-mix": True})
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(run_dir)])
     assert runs[0] == runs[1]
     assert all(r["num_clients"] == 2 for r in runs[0])
+    assert all(0 < r["mix_accuracy"] <= 1 for r in runs[0])
+    clients = json.loads((tmp_path / "rep-a" / "clients.json").read_text())
+    for rnd in clients:
+        assert all(0 <= c["mix_weight"] <= 1 and c["mix_accuracy"] is not None
+                   for c in rnd["clients"])
     a = torch.load(tmp_path / "rep-a" / "meme_final.pt", weights_only=True)
     b = torch.load(tmp_path / "rep-b" / "meme_final.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -256,3 +256,37 @@ def test_gated_and_adaptive_losses_keep_the_gradients_apart():
     assert all(p.grad is None for p in meme.parameters())
     lm.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in meme.parameters())
+
+
+# ---------------------------------------------------------------- personal mixture (APFL)
+def test_mixture_step_descends_the_mixtures_cross_entropy_by_hand():
+    from common.mutual import mixture_step
+
+    local = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    meme = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1])
+    w, lr = 0.3, 0.1
+    pl = [_softmax(r)[c] for r, c in zip(local.tolist(), y.tolist(), strict=True)]
+    pm = [_softmax(r)[c] for r, c in zip(meme.tolist(), y.tolist(), strict=True)]
+    grad = -sum((a - b) / (w * a + (1 - w) * b) for a, b in zip(pl, pm, strict=True)) / 2
+    assert grad < 0  # the private model is the better one here: w grows
+    assert mixture_step(local, meme, y, w, lr) == pytest.approx(w - lr * grad, rel=1e-6)
+    assert mixture_step(local, meme, y, 0.99, 10.0) == 1.0  # clamped to [0, 1]
+    assert mixture_step(meme, local, y, 0.01, 10.0) == 0.0
+
+
+def test_evaluate_mixture_by_hand():
+    from common.mutual import evaluate_mixture
+
+    local, meme = nn.Linear(2, 3), nn.Linear(2, 3)
+    with torch.no_grad():
+        for m, b in ((local, [1.0, 0.0, 0.0]), (meme, [0.0, 0.0, 2.0])):
+            m.weight.zero_()
+            m.bias.copy_(torch.tensor(b))
+    x, y = torch.zeros(4, 2), torch.tensor([0, 2, 2, 1])
+    w = 0.6
+    p = [w * a + (1 - w) * b for a, b in zip(_softmax([1, 0, 0]), _softmax([0, 0, 2]),
+                                             strict=True)]
+    loss, acc = evaluate_mixture(local, meme, w, x, y, torch.device("cpu"))
+    assert p.index(max(p)) == 2 and acc == pytest.approx(0.5)  # class 2 wins: 2 of 4 right
+    assert loss == pytest.approx(-sum(math.log(p[c]) for c in y.tolist()) / 4, rel=1e-6)
