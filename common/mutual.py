@@ -17,6 +17,7 @@ class DistillWeighting(StrEnum):
 
     FIXED = "fixed"  # (1-α) and (1-β) as written
     ADAPTIVE = "adaptive"  # divided by the batch's detached CE_local + CE_meme (FedKD)
+    ADDITIVE = "additive"  # CE at full weight plus (1-α)·KL: distillation as a regulariser
 
 
 class DistillGate(StrEnum):
@@ -105,7 +106,10 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
     L_meme  = β·CE(meme, y)  + (1-β)·w·mean_i g_i^local·KL_i(p_local ‖ p_meme)
 
     ``w`` is 1 (``fixed``) or 1 / (CE_local + CE_meme) of the batch, detached
-    (``adaptive``: a teacher that is still poor pulls less). ``g_i`` gates a sample's KL
+    (``adaptive``: a teacher that is still poor pulls less). ``additive`` keeps w = 1 but
+    drops the α (β) in front of the CE: the labels' gradient keeps its full size, as in
+    plain training, and the KL is added on top (the convex form halves the label signal at
+    α = 0.5, which under plain SGD slows learning like halving the learning rate). ``g_i`` gates a sample's KL
     toward that teacher (``correct``: it predicts y_i; ``confident``: its top probability
     is at least the threshold); every sample keeps its CE. With ``log_prior`` (the
     client's label prior, :func:`label_log_prior`) the meme teaches with its logits plus
@@ -115,7 +119,9 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
     """
     ce_local = F.cross_entropy(local_logits, y)
     ce_meme = F.cross_entropy(meme_logits, y)
-    loss_local, loss_meme = alpha * ce_local, beta * ce_meme
+    additive = distill.weighting is DistillWeighting.ADDITIVE
+    loss_local = ce_local if additive else alpha * ce_local
+    loss_meme = ce_meme if additive else beta * ce_meme
     weight = (1.0 / (ce_local + ce_meme).detach().clamp_min(1e-8)
               if distill.weighting is DistillWeighting.ADAPTIVE else 1.0)
     if alpha < 1:

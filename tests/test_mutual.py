@@ -290,3 +290,19 @@ def test_evaluate_mixture_by_hand():
     loss, acc = evaluate_mixture(local, meme, w, x, y, torch.device("cpu"))
     assert p.index(max(p)) == 2 and acc == pytest.approx(0.5)  # class 2 wins: 2 of 4 right
     assert loss == pytest.approx(-sum(math.log(p[c]) for c in y.tolist()) / 4, rel=1e-6)
+
+
+def test_additive_weighting_keeps_the_full_cross_entropy():
+    alpha, beta = 0.4, 0.7
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
+    kl_l = sum(_kl(s, t) for s, t in zip(_rows(LOCAL), _rows(MEME), strict=True)) / 3
+    kl_m = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    ll, lm = mutual_losses(LOCAL, MEME, Y, alpha, beta,
+                           distill=Distill(weighting=DistillWeighting.ADDITIVE))
+    assert ll.item() == pytest.approx(ce_l + (1 - alpha) * kl_l, rel=1e-6)
+    assert lm.item() == pytest.approx(ce_m + (1 - beta) * kl_m, rel=1e-6)
+    # alpha = 1 is still plain cross-entropy
+    ll1, _ = mutual_losses(LOCAL, MEME, Y, 1.0, beta,
+                           distill=Distill(weighting=DistillWeighting.ADDITIVE))
+    assert ll1.item() == pytest.approx(ce_l, rel=1e-6)
