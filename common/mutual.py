@@ -109,8 +109,8 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
     (``adaptive``: a teacher that is still poor pulls less). ``additive`` keeps w = 1 but
     drops the α (β) in front of the CE: the labels' gradient keeps its full size, as in
     plain training, and the KL is added on top (the convex form halves the label signal at
-    α = 0.5, which under plain SGD slows learning like halving the learning rate). ``g_i`` gates a sample's KL
-    toward that teacher (``correct``: it predicts y_i; ``confident``: its top probability
+    α = 0.5, which under plain SGD slows learning like halving the learning rate).
+    ``g_i`` gates a sample's KL toward that teacher (``correct``: it predicts y_i; ``confident``: its top probability
     is at least the threshold); every sample keeps its CE. With ``log_prior`` (the
     client's label prior, :func:`label_log_prior`) the meme teaches with its logits plus
     that prior, so it stops pulling the private model toward classes the client never
