@@ -114,8 +114,9 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
     ``confident``: its top probability is at least the threshold); every sample keeps its
     CE. With ``log_prior`` (the client's label prior, :func:`label_log_prior`) the meme
     teaches with its logits plus that prior, so it stops pulling the private model toward
-    classes the client never sees. Each KL's teacher is detached: L_local's gradient reaches only the local model,
-    L_meme's only the meme. With α = β = 1 this is two independent cross-entropy losses.
+    classes the client never sees. Each KL's teacher is detached: L_local's gradient
+    reaches only the local model, L_meme's only the meme. With α = β = 1 this is two
+    independent cross-entropy losses.
     """
     ce_local = F.cross_entropy(local_logits, y)
     ce_meme = F.cross_entropy(meme_logits, y)
