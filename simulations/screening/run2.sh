@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Issue #11 screening, second batch (same protocol as run.sh): the personal mixture, and
-# combinations of the first batch's variants.
+# Issue #11 screening, in priority order after the first results (same protocol as
+# run.sh: leaderboard-fmnist-dir0.1, seed 0, 10 rounds). Re-running resumes.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/screen}
 P=leaderboard-fmnist-dir0.1
 g() { name=$1; shift; python -m simulations.grid --presets $P --seeds 0 --out "$OUT/$name" "$@"; }
-g mix --algorithms fml --set num-server-rounds=10 personal-mix=true
-g mix-alpha0.9 --algorithms fml --set num-server-rounds=10 personal-mix=true alpha=0.9
 g additive --algorithms fml --set num-server-rounds=10 'distill-weighting="additive"'
+g alpha0.9 --algorithms fml --set num-server-rounds=10 alpha=0.9
+g mix --algorithms fml --set num-server-rounds=10 personal-mix=true
+g gate-correct --algorithms fml --set num-server-rounds=10 'distill-gate="correct"'
+g adaptive --algorithms fml --set num-server-rounds=10 'distill-weighting="adaptive"'
+g fedavg --algorithms fedavg --set num-server-rounds=10
+g warmup3 --algorithms fml --set num-server-rounds=10 warmup-rounds=3
