@@ -33,6 +33,7 @@ class DistillPrior(StrEnum):
 
     NONE = "none"
     CLIENT = "client"  # meme logits + log(client label prior): no mass on unseen classes
+    SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,14 @@ def label_log_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     """log of the client's label distribution, add-one smoothed (no class gets -inf)."""
     counts = torch.bincount(y, minlength=num_classes).float() + 1.0
     return (counts / counts.sum()).log()
+
+
+def seen_log_mask(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """0 for the classes in ``y``, -30 for the others (their teacher mass becomes ~1e-13):
+    added to the meme's logits it renormalises the teacher over the client's own classes
+    without reweighting them (the restricted softmax of FedRS, Li & Zhan 2021)."""
+    seen = torch.bincount(y, minlength=num_classes) > 0
+    return torch.where(seen, 0.0, -30.0)
 
 
 def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor,
@@ -214,7 +223,7 @@ def train_epochs(
     n_loss = {"l": 0, "m": 0}  # samples whose loss was finite (and stepped on)
     x, y = x.to(device), y.to(device)
     log_prior = None
-    want_prior = mutual and hp.distill.prior is DistillPrior.CLIENT
+    want_prior = mutual and hp.distill.prior is not DistillPrior.NONE
     mix = hp.mix if mutual else None
     for _ in range(hp.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
@@ -226,7 +235,9 @@ def train_epochs(
             if mix is not None and bool(out_l.isfinite().all() and out_m.isfinite().all()):
                 mix = mixture_step(out_l, out_m, yb, mix, hp.mix_lr)
             if want_prior and log_prior is None:
-                log_prior = label_log_prior(y, out_m.shape[1])
+                log_prior = (label_log_prior(y, out_m.shape[1])
+                             if hp.distill.prior is DistillPrior.CLIENT
+                             else seen_log_mask(y, out_m.shape[1]))
             if mutual:
                 # a diverged model (non-finite logits) is never a teacher: the other one
                 # learns from the labels alone, so a meme blown up by DP noise or a bad

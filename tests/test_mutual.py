@@ -306,3 +306,19 @@ def test_additive_weighting_keeps_the_full_cross_entropy():
     ll1, _ = mutual_losses(LOCAL, MEME, Y, 1.0, beta,
                            distill=Distill(weighting=DistillWeighting.ADDITIVE))
     assert ll1.item() == pytest.approx(ce_l, rel=1e-6)
+
+
+def test_seen_mask_renormalises_the_teacher_over_the_clients_classes():
+    from common.mutual import seen_log_mask
+
+    mask = seen_log_mask(torch.tensor([0, 0, 2]), 3)  # class 1 never seen
+    assert mask.tolist() == [0.0, -30.0, 0.0]
+    ll, _ = mutual_losses(LOCAL, MEME, Y, 0.5, 1.0, log_prior=mask)
+    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
+    kl = 0.0
+    for s_row, t_row in zip(_rows(LOCAL), _rows(MEME), strict=True):
+        pt = _softmax(t_row)
+        pt = [pt[0] / (pt[0] + pt[2]), 0.0, pt[2] / (pt[0] + pt[2])]  # over classes 0, 2
+        ps = _softmax(s_row)
+        kl += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True) if b > 0)
+    assert ll.item() == pytest.approx(0.5 * ce_l + 0.5 * kl / 3, rel=1e-5)
