@@ -6,7 +6,9 @@
 
 Each run writes ``<out>/<preset>/<algorithm>-seed<seed>/``. A run whose ``metrics.json``
 already has every round is skipped; one that was interrupted continues from its
-checkpoint (``resume-from``), so re-running the same command resumes the grid.
+checkpoint (``resume-from``), so re-running the same command resumes the grid. Runs with
+private models keep them in ``<run>/private-state/`` (``state-dir``), so a resumed run
+continues them instead of starting fresh ones.
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class Job:
     def run_dir(self) -> Path:
         return self.out / self.preset / f"{self.algorithm}-seed{self.seed}"
 
+    @property
+    def state_dir(self) -> Path:
+        """Where the run's clients keep their private models, so a resume continues them."""
+        return self.run_dir / "private-state"
+
     def rounds_done(self) -> int:
         try:
             return len(json.loads((self.run_dir / "metrics.json").read_text()))
@@ -107,6 +114,8 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
             run_config = {**preset_cfg, **(extra or {}), "algorithm": job.algorithm,
                           "seed": job.seed, "output-dir": str(out / job.preset),
                           "run-name": job.run_dir.name}
+            if Algorithm(job.algorithm).trains_local:  # private models survive a resume
+                run_config["state-dir"] = str(job.state_dir)
             if (job.run_dir / "checkpoint.pt").exists():
                 run_config["resume-from"] = str(job.run_dir)
                 print(f"[{i}/{len(jobs)}] resuming {job.run_dir} after round "

@@ -45,8 +45,8 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
     # an interrupted run: the same config, stopped after 2 of its 3 rounds
     job = Job("digits-quick", "fml", 0, tmp_path)
     simlink.run({**preset, "num-server-rounds": 2, "algorithm": "fml", "seed": 0,
-                 "output-dir": str(tmp_path / "digits-quick"), "run-name": job.run_dir.name},
-                supernodes=clients)
+                 "output-dir": str(tmp_path / "digits-quick"), "run-name": job.run_dir.name,
+                 "state-dir": str(job.state_dir)}, supernodes=clients)
     assert job.rounds_done() == 2
     run_grid(["digits-quick"], ["fml", "fedavg", "fedprox", "local"], [0], tmp_path)
     out = capsys.readouterr().out
@@ -55,6 +55,12 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
         assert Job("digits-quick", algo, 0, tmp_path).rounds_done() == 3
     resumed = json.loads((job.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in resumed] == [1, 2, 3]
+    # the private models went on from round 2: every one trained 3 times in all
+    from client.private import read_state_file
+
+    states = sorted(job.state_dir.glob("private-*[0-9].pt"))
+    assert len(states) == clients
+    assert all(read_state_file(s)["node_round"] == 3 for s in states)
     run_grid(["digits-quick"], ["fml"], [0], tmp_path)  # everything done: skipped
     assert "done, skipped" in capsys.readouterr().out
 

@@ -6,9 +6,11 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/screen}
 P=leaderboard-fmnist-dir0.1
 g() { name=$1; shift; python -m simulations.grid --presets $P --seeds 0 --out "$OUT/$name" "$@"; }
+g seen --algorithms fml --set num-server-rounds=10 'distill-prior="seen"'
 g additive --algorithms fml --set num-server-rounds=10 'distill-weighting="additive"'
 g alpha0.9 --algorithms fml --set num-server-rounds=10 alpha=0.9
 g mix --algorithms fml --set num-server-rounds=10 personal-mix=true
+g seen-additive --algorithms fml --set num-server-rounds=10 'distill-prior="seen"' 'distill-weighting="additive"'
 g gate-correct --algorithms fml --set num-server-rounds=10 'distill-gate="correct"'
 g adaptive --algorithms fml --set num-server-rounds=10 'distill-weighting="adaptive"'
 g fedavg --algorithms fedavg --set num-server-rounds=10
