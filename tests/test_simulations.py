@@ -66,7 +66,13 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
 
     files = write_report(tmp_path, tmp_path / "report")
     md = (tmp_path / "report" / "results.md").read_text()
-    rows = [ln for ln in md.splitlines() if ln.startswith("| digits-quick")]
+    main_table, per_client = md.split("## Per client (final round)")
+    rows = [ln for ln in main_table.splitlines() if ln.startswith("| digits-quick")]
+    client_rows = {ln.split("|")[2].strip(): ln for ln in per_client.splitlines()
+                   if ln.startswith("| digits-quick")}
+    assert set(client_rows) == {"fml", "fedavg", "fedprox", "local"}
+    assert client_rows["fml"].split("|")[8].strip() not in ("", "–")  # gain over local
+    assert "client-gains.png" in {p.name for p in files}
     assert [r.split("|")[2].strip() for r in rows] == ["fml", "fedavg", "fedprox", "local"]
     fml_cells = [c.strip() for c in rows[0].split("|")]
     assert float(fml_cells[4]) > 0  # personalised accuracy final, in %
