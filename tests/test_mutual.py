@@ -194,12 +194,18 @@ def _rows(t):
     return t.tolist()
 
 
-def test_adaptive_weighting_divides_each_kl_by_the_batch_task_losses():
-    alpha, beta = 0.4, 0.7
+def _batch_terms() -> tuple[float, float, float, float]:
+    """By hand, batch means on LOCAL/MEME/Y: CE of each model, KL into each."""
     ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
     ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
     kl_l = sum(_kl(s, t) for s, t in zip(_rows(LOCAL), _rows(MEME), strict=True)) / 3
     kl_m = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    return ce_l, ce_m, kl_l, kl_m
+
+
+def test_adaptive_weighting_divides_each_kl_by_the_batch_task_losses():
+    alpha, beta = 0.4, 0.7
+    ce_l, ce_m, kl_l, kl_m = _batch_terms()
     ll, lm = mutual_losses(LOCAL, MEME, Y, alpha, beta,
                            distill=Distill(weighting=DistillWeighting.ADAPTIVE))
     assert ll.item() == pytest.approx(alpha * ce_l + (1 - alpha) * kl_l / (ce_l + ce_m), rel=1e-6)
@@ -294,10 +300,7 @@ def test_evaluate_mixture_by_hand():
 
 def test_additive_weighting_keeps_the_full_cross_entropy():
     alpha, beta = 0.4, 0.7
-    ce_l = sum(_ce(r, c) for r, c in zip(_rows(LOCAL), Y.tolist(), strict=True)) / 3
-    ce_m = sum(_ce(r, c) for r, c in zip(_rows(MEME), Y.tolist(), strict=True)) / 3
-    kl_l = sum(_kl(s, t) for s, t in zip(_rows(LOCAL), _rows(MEME), strict=True)) / 3
-    kl_m = sum(_kl(s, t) for s, t in zip(_rows(MEME), _rows(LOCAL), strict=True)) / 3
+    ce_l, ce_m, kl_l, kl_m = _batch_terms()
     ll, lm = mutual_losses(LOCAL, MEME, Y, alpha, beta,
                            distill=Distill(weighting=DistillWeighting.ADDITIVE))
     assert ll.item() == pytest.approx(ce_l + (1 - alpha) * kl_l, rel=1e-6)
