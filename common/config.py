@@ -183,8 +183,8 @@ SCHEMA: tuple[_Key, ...] = (
     _Key("npz-mean", str, "0", _float_list(lambda v: True), "a comma list of numbers"),
     _Key("npz-std", str, "1", _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
     _Key("num-classes", int, 0, _non_negative,
-         "an integer >= 0 (0: for npz, one more than the largest label the first "
-         "min-clients nodes report)"),
+         "an integer >= 0 (0: for npz, one more than the largest label of the nodes "
+         "identified when the run starts)"),
     _Key("partitioner", Partitioner, Partitioner.DIRICHLET),
     _Key("dirichlet-alpha", float, 0.1, _positive, "a number > 0"),
     _Key("classes-per-client", int, 2, _positive, "an integer >= 1"),

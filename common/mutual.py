@@ -82,13 +82,12 @@ def _distill_term(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
 
 
 def _gate(teacher_logits: torch.Tensor, y: torch.Tensor, distill: Distill) -> torch.Tensor:
-    """1 where a sample's KL toward this teacher counts, else 0 (no gradient)."""
+    """1 where a sample's KL toward this teacher counts, else 0 (no gradient); only called
+    with a gate (``none`` takes the batch-mean KL directly)."""
     if distill.gate is DistillGate.CORRECT:
         return (teacher_logits.detach().argmax(1) == y).float()
-    if distill.gate is DistillGate.CONFIDENT:
-        top = F.softmax(teacher_logits.detach(), dim=1).max(1).values
-        return (top >= distill.gate_threshold).float()
-    return torch.ones_like(y, dtype=torch.float)
+    top = F.softmax(teacher_logits.detach(), dim=1).max(1).values  # CONFIDENT
+    return (top >= distill.gate_threshold).float()
 
 
 def label_log_prior(y: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -104,6 +104,8 @@ class MemeStrategyMixin:
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in new]
         answered = set()
+        connected = set(live)
+        holders = {k: n for n, k in self.client_keys.items() if n in connected}  # key -> node
         wait = self.cfg.round_timeout if timeout is None else timeout
         for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
@@ -114,9 +116,8 @@ class MemeStrategyMixin:
                 continue
             metrics = reply.content["metrics"]
             key = int(metrics["client-key"])
-            holder = next((n for n, k in self.client_keys.items()
-                           if k == key and n != node and n in live), None)
-            if holder is not None:
+            holder = holders.get(key)
+            if holder is not None and holder != node:
                 if node not in self._duplicates:
                     log(ERROR, "node %d reports client key %d, which node %d already has: it "
                         "is left out until that key is free. Give each node its own "
@@ -127,6 +128,7 @@ class MemeStrategyMixin:
                 continue
             self._duplicates.discard(node)
             self.client_keys[node] = key
+            holders[key] = node
             self.client_info[node] = metrics
         for node in new:
             if node in self._duplicates:
