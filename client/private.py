@@ -23,8 +23,9 @@ from torch import nn
 
 from common.atomic import atomic_write
 from common.config import Config
-from common.models import MODEL_NAMES, TaskSpec, build_model
+from common.models import TaskSpec, build_model
 from common.mutual import make_optimizer
+from common.options import MODEL_NAMES
 from common.records import load_into, optimizer_from_records, optimizer_to_records, to_record
 from common.runtime import derive_seed
 

@@ -1,216 +1,39 @@
-"""The run-config schema: every key, its type, default and allowed range, validated once.
+"""The validated run config: the schema's keys, typed, checked once, with the rules that
+span several keys.
 
 Flower hands the ServerApp and every ClientApp the same ``context.run_config``. Both call
 :func:`load_config` before doing any work, so a bad value fails with one clear message
-(naming the key, the value and what is allowed) before anything is trained.
+(naming the key, the value and what is allowed) before anything is trained. The keys
+themselves are declared in ``common/schema.py``; importing this module imports no torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import Enum, StrEnum
+from enum import Enum
 from typing import Any
 
-from common.data import DATASET_NAMES
 from common.faults import Fault, parse_faults
-from common.models import MODEL_NAMES
-from common.mutual import Distill, DistillGate, DistillPrior, DistillWeighting
+from common.options import (
+    Aggregation,
+    Algorithm,
+    Distill,
+    DistillGate,
+    DistillPrior,
+    DistillWeighting,
+    DpMode,
+    Partitioner,
+)
+from common.schema import BY_NAME, SCHEMA, Key, floats
+
+__all__ = ["SCHEMA", "Aggregation", "Algorithm", "Config", "ConfigError", "DpMode",
+           "Partitioner", "default_config", "load_config"]
 
 
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type, or out of range."""
-
-
-class Algorithm(StrEnum):
-    """The training algorithms of the harness; the only place that maps names to behaviour."""
-
-    FML = "fml"
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    LOCAL = "local"
-
-    @property
-    def trains_local(self) -> bool:
-        """Whether clients train a private local model."""
-        return self in (Algorithm.FML, Algorithm.LOCAL)
-
-    @property
-    def trains_meme(self) -> bool:
-        """Whether clients train (and the server aggregates) the shared meme model."""
-        return self is not Algorithm.LOCAL
-
-    @property
-    def distills(self) -> bool:
-        """Whether local and meme distil from each other (deep mutual learning)."""
-        return self is Algorithm.FML
-
-
-class Aggregation(StrEnum):
-    """How the server weighs the clients' memes."""
-
-    WEIGHTED = "weighted"  # by num-examples (FedAvg)
-    UNIFORM = "uniform"  # equal weights (as in the FML paper)
-    MEDIAN = "median"  # coordinate-wise median (Flower's FedMedian)
-    TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg, cutting trimmed-mean-beta per side
-    KRUM = "krum"  # Flower's Krum, tolerating num-malicious clients
-    MULTI_KRUM = "multi-krum"  # Flower's MultiKrum: the n - num-malicious best, averaged
-
-    @property
-    def robust(self) -> bool:
-        """Whether Flower's robust aggregation strategy does the averaging."""
-        return self not in (Aggregation.WEIGHTED, Aggregation.UNIFORM)
-
-
-class DpMode(StrEnum):
-    """Client-level differential privacy on the meme (Flower's fixed-clipping wrappers)."""
-
-    NONE = "none"
-    SERVER = "server"  # the server clips each meme update, then noises the average
-    CLIENT = "client"  # each client clips its own update (a client mod); the server noises
-
-    @property
-    def enabled(self) -> bool:
-        """Whether updates are clipped and the average noised."""
-        return self is not DpMode.NONE
-
-
-class Partitioner(StrEnum):
-    """How a built-in dataset is split across simulated clients."""
-
-    IID = "iid"
-    DIRICHLET = "dirichlet"
-    PATHOLOGICAL = "pathological"
-
-
-def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable:
-    def check(v: float) -> bool:
-        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
-
-    return check
-
-
-def _positive(v: float) -> bool:
-    return v > 0
-
-
-def _non_negative(v: float) -> bool:
-    return v >= 0
-
-
-def _device(v: str) -> bool:
-    if v in ("auto", "cpu", "cuda"):
-        return True
-    return v.startswith("cuda:") and v[5:].isdigit()
-
-
-def _faults(v: str) -> bool:
-    try:
-        parse_faults(v)
-    except ValueError:
-        return False
-    return True
-
-
-def _floats(v: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in v.split(","))
-
-
-def _float_list(each: Callable[[float], bool]) -> Callable[[str], bool]:
-    def check(v: str) -> bool:
-        try:
-            values = _floats(v)
-        except ValueError:
-            return False
-        return all(math.isfinite(x) and each(x) for x in values)
-
-    return check
-
-
-def _model_list(v: str) -> bool:
-    names = [n.strip() for n in v.split(",")] if v.strip() else []
-    return all(n in MODEL_NAMES for n in names)
-
-
-@dataclass(frozen=True)
-class _Key:
-    name: str
-    type: type
-    default: Any
-    check: Callable[[Any], bool] | None = None
-    allowed: str = ""
-
-
-_MODELS = ", ".join(MODEL_NAMES)
-SCHEMA: tuple[_Key, ...] = (
-    _Key("algorithm", Algorithm, Algorithm.FML),
-    _Key("num-server-rounds", int, 5, _positive, "an integer >= 1"),
-    _Key("fraction-train", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
-    _Key("fraction-evaluate", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
-    _Key("min-clients", int, 2, _positive, "an integer >= 1"),
-    _Key("round-timeout", float, 3600.0, _positive, "seconds > 0"),
-    _Key("local-epochs", int, 1, _positive, "an integer >= 1"),
-    _Key("batch-size", int, 32, _positive, "an integer >= 1"),
-    _Key("lr", float, 0.01, _positive, "a number > 0"),
-    _Key("momentum", float, 0.9, _in(0, 1, hi_open=True), "a number in [0, 1)"),
-    _Key("weight-decay", float, 0.0, _non_negative, "a number >= 0"),
-    _Key("alpha", float, 0.5, _in(0, 1), "a number in [0, 1]"),
-    _Key("beta", float, 0.5, _in(0, 1), "a number in [0, 1]"),
-    _Key("temperature", float, 1.0, _positive, "a number > 0"),
-    _Key("distill-weighting", DistillWeighting, DistillWeighting.FIXED),
-    _Key("distill-gate", DistillGate, DistillGate.NONE),
-    _Key("distill-gate-threshold", float, 0.5, _in(0, 1), "a number in [0, 1]"),
-    _Key("distill-prior", DistillPrior, DistillPrior.NONE),
-    _Key("warmup-rounds", int, 0, _non_negative, "an integer >= 0"),
-    _Key("personal-mix", bool, False),
-    _Key("proximal-mu", float, 0.01, _non_negative, "a number >= 0"),
-    _Key("aggregation", Aggregation, Aggregation.WEIGHTED),
-    _Key("trimmed-mean-beta", float, 0.2, _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
-    _Key("num-malicious", int, 1, _non_negative, "an integer >= 0"),
-    _Key("max-client-weight", int, 0, _non_negative,
-         "an integer >= 0 (0: the largest train split reported by the clients)"),
-    _Key("meme-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
-    _Key("local-model", str, "cnn", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
-    _Key("local-models", str, "", _model_list, f"empty or a comma list of {_MODELS}"),
-    _Key(
-        "dataset", str, "fashion-mnist", lambda v: v in DATASET_NAMES,
-        f"one of {', '.join(DATASET_NAMES)}",
-    ),
-    _Key("data-dir", str, ""),
-    _Key("data-path", str, ""),
-    _Key("npz-mean", str, "0", _float_list(lambda v: True), "a comma list of numbers"),
-    _Key("npz-std", str, "1", _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
-    _Key("num-classes", int, 0, _non_negative,
-         "an integer >= 0 (0: for npz, one more than the largest label of the nodes "
-         "identified when the run starts)"),
-    _Key("partitioner", Partitioner, Partitioner.DIRICHLET),
-    _Key("dirichlet-alpha", float, 0.1, _positive, "a number > 0"),
-    _Key("classes-per-client", int, 2, _positive, "an integer >= 1"),
-    _Key("test-fraction", float, 0.25, _in(0, 1, True, True), "a number in (0, 1)"),
-    _Key("seed", int, 42, _non_negative, "an integer >= 0"),
-    _Key("device", str, "auto", _device, "auto, cpu, cuda or cuda:N"),
-    _Key("state-dir", str, ""),
-    _Key("reset-private", bool, False),
-    _Key("resume-from", str, ""),
-    _Key("faults", str, "", _faults,
-         "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan, scale<FACTOR> "
-         "or slow<SECONDS>"),
-    _Key("dp-mode", DpMode, DpMode.NONE),
-    _Key("dp-noise-multiplier", float, 1.0, _non_negative, "a number >= 0"),
-    _Key("dp-clipping-norm", float, 1.0, _positive, "a number > 0"),
-    _Key("dp-delta", float, 1e-5, _in(0, 1, True, True), "a number in (0, 1)"),
-    _Key("secure-aggregation", bool, False),
-    _Key("secagg-num-shares", float, 1.0, _in(0, 1, lo_open=True), "a number in (0, 1]"),
-    _Key("secagg-threshold", float, 0.5, _in(0, 1, lo_open=True), "a number in (0, 1]"),
-    _Key("secagg-clipping-range", float, 8.0, _positive, "a number > 0"),
-    _Key("audit-dir", str, ""),
-    _Key("output-dir", str, ""),
-    _Key("run-name", str, "", lambda v: "/" not in v and v not in (".", ".."),
-         "a folder name without '/'"),
-)
-_BY_NAME = {k.name: k for k in SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -295,12 +118,12 @@ class Config:
     @property
     def npz_mean_values(self) -> tuple[float, ...]:
         """``npz-mean`` parsed: one value, or one per channel."""
-        return _floats(self.npz_mean)
+        return floats(self.npz_mean)
 
     @property
     def npz_std_values(self) -> tuple[float, ...]:
         """``npz-std`` parsed: one value, or one per channel."""
-        return _floats(self.npz_std)
+        return floats(self.npz_std)
 
     def local_model_for(self, partition_id: int | None) -> str:
         """The private model's architecture: ``local-models`` cycled by partition id."""
@@ -310,16 +133,10 @@ class Config:
         return self.local_model
 
 
-def _describe(key: _Key) -> str:
-    if isinstance(key.type, type) and issubclass(key.type, Enum):
-        return "one of " + ", ".join(m.value for m in key.type)
-    return key.allowed or f"a {key.type.__name__}"
-
-
-def _coerce(key: _Key, value: Any) -> Any:
+def _coerce(key: Key, value: Any) -> Any:
     def fail() -> ConfigError:
         return ConfigError(
-            f"run-config key '{key.name}' = {value!r} is invalid: expected {_describe(key)}"
+            f"run-config key '{key.name}' = {value!r} is invalid: expected {key.describe()}"
         )
 
     if issubclass(key.type, Enum):
@@ -342,11 +159,11 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     Missing keys take the schema default; unknown keys are refused, since a typo would
     otherwise be silently ignored.
     """
-    unknown = sorted(set(run_config) - set(_BY_NAME))
+    unknown = sorted(set(run_config) - set(BY_NAME))
     if unknown:
         raise ConfigError(
             f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
-            f"known keys: {', '.join(_BY_NAME)}"
+            f"known keys: {', '.join(BY_NAME)}"
         )
     values = {
         k.name.replace("-", "_"): _coerce(k, run_config.get(k.name, k.default)) for k in SCHEMA

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,13 +24,12 @@ import torch
 
 from common.atomic import atomic_write
 from common.models import TaskSpec
+from common.options import DATASET_NAMES, Partitioner
+from common.partition import partition_indices, train_test_split
 
 if TYPE_CHECKING:
     from common.config import Config
 
-DATASET_NAMES: tuple[str, ...] = (
-    "fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "npz",
-)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "fedmutual" / "data"
 CACHE_DIR = Path(os.environ.get("FEDMUTUAL_CACHE", Path.home() / ".cache" / "fedmutual"))
@@ -174,7 +174,6 @@ def _load_synthetic(n_train: int = 20000, n_test: int = 2000, classes: int = 10,
 
 
 def _fixed_split(n: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    from common.partition import train_test_split
 
     return train_test_split(n, test_fraction, seed=0)
 
@@ -214,8 +213,6 @@ def _source_fingerprint(name: str, data_dir: str) -> str:
     if name == "fashion-mnist":
         roots.append(DEBIAN_FASHION_MNIST)
     if name == "digits":
-        from importlib.metadata import version
-
         parts.append(version("scikit-learn"))
     for root in roots:
         if root.is_dir():
@@ -359,11 +356,6 @@ def _partitions(name: str, data_dir: str, num_partitions: int, partitioner: str,
     one would import flwr-datasets and re-partition (about 4 s for Fashion-MNIST here).
     The key covers the labels themselves and the flwr-datasets version.
     """
-    from importlib.metadata import version
-
-    from common.config import Partitioner
-    from common.partition import partition_indices
-
     ds = load_dataset(name, data_dir)
     key = hashlib.sha256(repr((name, num_partitions, partitioner, seed, dirichlet_alpha,
                                classes_per_client, version("flwr-datasets"))).encode()
@@ -392,7 +384,6 @@ def client_partition_indices(cfg: Config, num_partitions: int) -> list[np.ndarra
 @functools.lru_cache(maxsize=4)
 def _client_data_cached(cfg: Config, partition_id: int | None, num_partitions: int,
                         data_path: str) -> ClientData:
-    from common.partition import train_test_split
 
     split_seed = cfg.seed * 100_003 + (partition_id or 0)
     if cfg.dataset == "npz":

@@ -5,8 +5,10 @@ scaled (poisoned) update, or is a straggler. Set with the run-config key ``fault
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the config parses faults without importing torch
+    import torch
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def apply_to_update(fault: Fault, trained: dict[str, torch.Tensor],
         if not v.is_floating_point():
             out[k] = v
         elif fault.kind == "nan":
-            out[k] = torch.full_like(v, float("nan"))
+            out[k] = v * float("nan")  # NaN everywhere (NaN·x is NaN, also for inf)
         else:  # scale
             out[k] = received[k] + fault.factor * (v - received[k])
     return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from common.options import MODEL_NAMES
+
 
 @dataclass(frozen=True)
 class TaskSpec:
@@ -102,7 +104,9 @@ MODELS: dict[str, Callable[[TaskSpec], nn.Module]] = {
     "cnn-cifar": cnn_cifar,
     "resnet18": resnet18,
 }
-MODEL_NAMES: tuple[str, ...] = tuple(MODELS)
+if tuple(MODELS) != MODEL_NAMES:  # the config validates names without importing torch
+    raise ImportError(f"common.models registers {tuple(MODELS)}, but common.options.MODEL_NAMES "
+                      f"lists {MODEL_NAMES}: keep the two in step")
 
 
 def build_model(name: str, spec: TaskSpec) -> nn.Module:

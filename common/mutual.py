@@ -5,45 +5,14 @@ and evaluation. Plain PyTorch; nothing here knows about Flower.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.options import Distill, DistillGate, DistillPrior, DistillWeighting
 
-class DistillWeighting(StrEnum):
-    """How strongly each KL term counts (run-config ``distill-weighting``)."""
-
-    FIXED = "fixed"  # (1-α) and (1-β) as written
-    ADAPTIVE = "adaptive"  # divided by the batch's detached CE_local + CE_meme (FedKD)
-    ADDITIVE = "additive"  # CE at full weight plus (1-α)·KL: distillation as a regulariser
-
-
-class DistillGate(StrEnum):
-    """Which samples' KL toward a teacher counts (run-config ``distill-gate``)."""
-
-    NONE = "none"
-    CORRECT = "correct"  # only where the teacher predicts the true label
-    CONFIDENT = "confident"  # only where the teacher's top probability >= the threshold
-
-
-class DistillPrior(StrEnum):
-    """Whether the meme, as a teacher, is first corrected by the client's label prior."""
-
-    NONE = "none"
-    CLIENT = "client"  # meme logits + log(client label prior): no mass on unseen classes
-    SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
-
-
-@dataclass(frozen=True)
-class Distill:
-    """The mutual-learning variant: every option is a run-config key (``distill-*``)."""
-
-    weighting: DistillWeighting = DistillWeighting.FIXED
-    gate: DistillGate = DistillGate.NONE
-    gate_threshold: float = 0.5
-    prior: DistillPrior = DistillPrior.NONE
+PLAIN = Distill()  # the loss as written: fixed weighting, no gate, no prior
 
 
 def kl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -106,7 +75,7 @@ def seen_log_mask(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch.Tensor,
                   alpha: float, beta: float, temperature: float = 1.0,
-                  distill: Distill = Distill(), log_prior: torch.Tensor | None = None,
+                  distill: Distill = PLAIN, log_prior: torch.Tensor | None = None,
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The two FML losses on one batch, and every variant of them.
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.config import Partitioner
+from common.options import Partitioner
 
 
 def partition_indices(

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 from common.config import Config
+from common.schema import RESUMABLE
 from server.results import torch_save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = 1
-# Keys a resumed run may change: how long it runs, where it writes, how long it waits.
-MAY_DIFFER = frozenset({"num-server-rounds", "resume-from", "run-name", "output-dir",
-                        "round-timeout", "min-clients", "device", "state-dir",
-                        "audit-dir"})
+# Keys a resumed run may change (how long it runs, where it writes, how long it waits):
+# the schema's ``resumable`` keys.
+MAY_DIFFER = RESUMABLE
 
 
 class CheckpointError(RuntimeError):

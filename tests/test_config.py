@@ -70,3 +70,70 @@ def test_fault_list_parses_every_kind():
     assert cfg.fault_list == (Fault("raise", 1, 2), Fault("nan", 2),
                               Fault("scale", 3, factor=100.0), Fault("slow", 0, 4, seconds=7.5))
     assert cfg.fault_list[3].applies(0, 4) and not cfg.fault_list[3].applies(0, 3)
+
+
+def test_generated_reference_and_pyproject_block_are_fresh():
+    from common import config_doc
+
+    assert config_doc.stale() == [], "run `python -m common.config_doc` and commit the result"
+
+
+def test_a_stale_reference_page_is_reported(tmp_path, monkeypatch):
+    from common import config_doc
+
+    page = tmp_path / "configuration.md"
+    page.write_text(config_doc.DOC.read_text().replace("`0.01`", "`0.02`"))
+    monkeypatch.setattr(config_doc, "DOC", page)
+    assert config_doc.stale() == [page]
+    assert config_doc.main(["--check"]) == 1
+
+
+def test_reference_page_lists_every_key_once_with_its_default():
+    text = (PYPROJECT.parent / "docs" / "configuration.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert sorted(r.split("`")[1] for r in rows) == sorted(k.name for k in SCHEMA)
+    row = next(r for r in rows if r.startswith("| `aggregation`"))
+    assert "`multi-krum`" in row and '`"weighted"`' in row
+
+
+def test_importing_the_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, common.config, common.config_doc; "
+            "sys.exit(2 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=PYPROJECT.parent).returncode == 0
+
+
+def test_common_imports_one_way_and_without_cycles():
+    import ast
+
+    common = PYPROJECT.parent / "common"
+    graph: dict[str, set[str]] = {}
+    for path in common.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in ("client", "server", "simulations", "tests"), (path, name)
+                if top == "common" and "." in name:
+                    deps.add(name.split(".")[1])
+        graph[path.stem] = deps
+    done: set[str] = set()
+
+    def visit(mod: str, stack: tuple[str, ...]) -> None:
+        assert mod not in stack, f"import cycle: {' -> '.join(stack + (mod,))}"
+        if mod in done:
+            return
+        for dep in graph.get(mod, ()):
+            visit(dep, stack + (mod,))
+        done.add(mod)
+
+    for mod in graph:
+        visit(mod, ())

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from common.models import MODEL_NAMES, TaskSpec, build_model
+from common.models import TaskSpec, build_model
+from common.options import MODEL_NAMES
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

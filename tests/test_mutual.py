@@ -168,13 +168,8 @@ def test_proximal_term_pulls_towards_anchor():
 
 
 # ---------------------------------------------------------------- variants (distill-*)
-from common.mutual import (  # noqa: E402
-    Distill,
-    DistillGate,
-    DistillPrior,
-    DistillWeighting,
-    label_log_prior,
-)
+from common.mutual import label_log_prior  # noqa: E402
+from common.options import Distill, DistillGate, DistillPrior, DistillWeighting  # noqa: E402
 
 LOCAL = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5], [0.3, 0.2, 0.1]])
 MEME = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, -2.0], [3.0, 0.0, 0.0]])

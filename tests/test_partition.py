@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from common.config import Partitioner
+from common.options import Partitioner
 from common.partition import partition_indices, train_test_split
 
 LABELS = np.random.default_rng(0).integers(0, 10, 5000)

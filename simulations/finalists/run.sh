@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue #11 finalists on the leaderboard protocol (20 rounds), in priority order:
-# local-only and the new default FML (additive weighting) on both presets, 3 seeds;
+# local-only and the new default FML (additive weighting, now the schema default) on both presets, 3 seeds;
 # then FedAvg (the meme's yardstick) and today's FML (convex weighting).
 # Re-running resumes (the grid skips finished runs and resumes interrupted ones).
 #   bash simulations/finalists/run.sh [OUT]   (default outputs/finalists)
@@ -22,6 +22,6 @@ for S in 0 1 2; do
 done
 for S in 0 1 2; do
   for P in leaderboard-fmnist-dir0.1 leaderboard-fmnist-pathological; do
-    g convex "$P" "$S" --algorithms fml
+    g convex "$P" "$S" --algorithms fml --set 'distill-weighting="fixed"'
   done
 done

@@ -1,0 +1,117 @@
+"""The named choices of a run: algorithms, aggregation rules, privacy modes, partitioners,
+mutual-learning variants, and the dataset and model names.
+
+Plain Python, no torch: the config (and anything that only validates one) imports this,
+while the modules that do the work (``models``, ``data``, ``mutual``) import their names
+from here, so the config never has to import them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+DATASET_NAMES: tuple[str, ...] = (
+    "fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "npz",
+)
+# common.models registers one builder per name and refuses to import if the two differ.
+MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn-bn", "mlp", "cnn-cifar", "resnet18")
+
+
+class Algorithm(StrEnum):
+    """The training algorithms of the harness; the only place that maps names to behaviour."""
+
+    FML = "fml"
+    FEDAVG = "fedavg"
+    FEDPROX = "fedprox"
+    LOCAL = "local"
+
+    @property
+    def trains_local(self) -> bool:
+        """Whether clients train a private local model."""
+        return self in (Algorithm.FML, Algorithm.LOCAL)
+
+    @property
+    def trains_meme(self) -> bool:
+        """Whether clients train (and the server aggregates) the shared meme model."""
+        return self is not Algorithm.LOCAL
+
+    @property
+    def distills(self) -> bool:
+        """Whether local and meme distil from each other (deep mutual learning)."""
+        return self is Algorithm.FML
+
+
+class Aggregation(StrEnum):
+    """How the server weighs the clients' memes."""
+
+    WEIGHTED = "weighted"  # by num-examples (FedAvg)
+    UNIFORM = "uniform"  # equal weights (as in the FML paper)
+    MEDIAN = "median"  # coordinate-wise median (Flower's FedMedian)
+    TRIMMED_MEAN = "trimmed-mean"  # Flower's FedTrimmedAvg, cutting trimmed-mean-beta per side
+    KRUM = "krum"  # Flower's Krum, tolerating num-malicious clients
+    MULTI_KRUM = "multi-krum"  # Flower's MultiKrum: the n - num-malicious best, averaged
+
+    @property
+    def robust(self) -> bool:
+        """Whether Flower's robust aggregation strategy does the averaging."""
+        return self not in (Aggregation.WEIGHTED, Aggregation.UNIFORM)
+
+
+class DpMode(StrEnum):
+    """Client-level differential privacy on the meme (Flower's fixed-clipping wrappers)."""
+
+    NONE = "none"
+    SERVER = "server"  # the server clips each meme update, then noises the average
+    CLIENT = "client"  # each client clips its own update (a client mod); the server noises
+
+    @property
+    def enabled(self) -> bool:
+        """Whether updates are clipped and the average noised."""
+        return self is not DpMode.NONE
+
+
+class Partitioner(StrEnum):
+    """How a built-in dataset is split across simulated clients."""
+
+    IID = "iid"
+    DIRICHLET = "dirichlet"
+    PATHOLOGICAL = "pathological"
+
+
+class DistillWeighting(StrEnum):
+    """How strongly each KL term counts (run-config ``distill-weighting``)."""
+
+    FIXED = "fixed"  # (1-α) and (1-β) as written
+    ADAPTIVE = "adaptive"  # divided by the batch's detached CE_local + CE_meme (FedKD)
+    ADDITIVE = "additive"  # CE at full weight plus (1-α)·KL: distillation as a regulariser
+
+
+class DistillGate(StrEnum):
+    """Which samples' KL toward a teacher counts (run-config ``distill-gate``)."""
+
+    NONE = "none"
+    CORRECT = "correct"  # only where the teacher predicts the true label
+    CONFIDENT = "confident"  # only where the teacher's top probability >= the threshold
+
+
+class DistillPrior(StrEnum):
+    """Whether the meme, as a teacher, is first corrected by the client's label prior."""
+
+    NONE = "none"
+    CLIENT = "client"  # meme logits + log(client label prior): no mass on unseen classes
+    SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
+
+
+@dataclass(frozen=True)
+class Distill:
+    """The mutual-learning variant: every option is a run-config key (``distill-*``).
+
+    The defaults are the loss as written (``fixed``); the run config's default is the
+    schema's (``common/schema.py``).
+    """
+
+    weighting: DistillWeighting = DistillWeighting.FIXED
+    gate: DistillGate = DistillGate.NONE
+    gate_threshold: float = 0.5
+    prior: DistillPrior = DistillPrior.NONE

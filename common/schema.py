@@ -1,0 +1,256 @@
+"""Every run-config key, declared once: its type, default, allowed range, group and meaning.
+
+Everything else is generated from this tuple: the validation (``common/config.py``), the
+``[tool.flwr.app.config]`` block of ``pyproject.toml`` and ``docs/configuration.md``
+(``python -m common.config_doc``), and the keys a resumed run may change. Plain Python,
+no torch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from common.faults import parse_faults
+from common.options import (
+    DATASET_NAMES,
+    MODEL_NAMES,
+    Aggregation,
+    Algorithm,
+    DistillGate,
+    DistillPrior,
+    DistillWeighting,
+    DpMode,
+    Partitioner,
+)
+
+
+@dataclass(frozen=True)
+class Key:
+    """One run-config key. ``allowed`` is the range in words (enums list their values);
+    ``resumable`` keys may differ between a run and its ``resume-from``."""
+
+    name: str
+    type: type
+    default: Any
+    group: str
+    doc: str
+    check: Callable[[Any], bool] | None = None
+    allowed: str = ""
+    resumable: bool = False
+
+    def describe(self) -> str:
+        """What the key accepts, as error messages and the reference page say it."""
+        if issubclass(self.type, Enum):
+            return "one of " + ", ".join(m.value for m in self.type)
+        return self.allowed or f"a {self.type.__name__}"
+
+
+def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    def check(v: float) -> bool:
+        return (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+    return check
+
+
+def _positive(v: float) -> bool:
+    return v > 0
+
+
+def _non_negative(v: float) -> bool:
+    return v >= 0
+
+
+def _device(v: str) -> bool:
+    if v in ("auto", "cpu", "cuda"):
+        return True
+    return v.startswith("cuda:") and v[5:].isdigit()
+
+
+def _faults(v: str) -> bool:
+    try:
+        parse_faults(v)
+    except ValueError:
+        return False
+    return True
+
+
+def floats(v: str) -> tuple[float, ...]:
+    """A comma list of numbers (``npz-mean``, ``npz-std``)."""
+    return tuple(float(x) for x in v.split(","))
+
+
+def _float_list(each: Callable[[float], bool]) -> Callable[[str], bool]:
+    def check(v: str) -> bool:
+        try:
+            values = floats(v)
+        except ValueError:
+            return False
+        return all(math.isfinite(x) and each(x) for x in values)
+
+    return check
+
+
+def _model_list(v: str) -> bool:
+    names = [n.strip() for n in v.split(",")] if v.strip() else []
+    return all(n in MODEL_NAMES for n in names)
+
+
+_MODELS = ", ".join(MODEL_NAMES)
+_RANGE_01 = "a number in [0, 1]"
+GROUPS = ("training", "mutual learning", "data", "aggregation", "privacy", "deployment", "run")
+
+T, M, D, A, P, DEP, R = GROUPS
+SCHEMA: tuple[Key, ...] = (
+    # ---------------------------------------------------------------- training
+    Key("algorithm", Algorithm, Algorithm.FML, T,
+        "`fml`: private model + meme, mutual distillation; `fedavg`: the meme only, CE; "
+        "`fedprox`: the meme only, Flower's FedProx (`proximal-mu`); `local`: the private "
+        "model only, nothing aggregated"),
+    Key("num-server-rounds", int, 5, T, "rounds", _positive, "an integer >= 1",
+        resumable=True),
+    Key("local-epochs", int, 1, T, "epochs of local training per round", _positive,
+        "an integer >= 1"),
+    Key("batch-size", int, 32, T, "local training batch size", _positive, "an integer >= 1"),
+    Key("lr", float, 0.01, T, "SGD learning rate, both models", _positive, "a number > 0"),
+    Key("momentum", float, 0.9, T, "SGD momentum, both models", _in(0, 1, hi_open=True),
+        "a number in [0, 1)"),
+    Key("weight-decay", float, 0.0, T, "SGD weight decay, both models", _non_negative,
+        "a number >= 0"),
+    Key("proximal-mu", float, 0.01, T, "FedProx's μ (`fedprox` only)", _non_negative,
+        "a number >= 0"),
+    Key("meme-model", str, "cnn", T,
+        "the shared model: `cnn` (FedAvg/PFLlib 2-conv CNN), `cnn-bn` (the same with "
+        "BatchNorm), `mlp` (2×200), `cnn-cifar` (FedAvg CIFAR CNN), `resnet18` "
+        "(torchvision, 3×3 stem for 32 px)", lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
+    Key("local-model", str, "cnn", T, "the private model's architecture (any of the "
+        "models; a node's `--node-config local-model=…` wins)",
+        lambda v: v in MODEL_NAMES, f"one of {_MODELS}"),
+    Key("local-models", str, "", T, "private architectures assigned by partition id, "
+        "cycled; empty: `local-model` everywhere", _model_list,
+        f"empty or a comma list of {_MODELS}"),
+    Key("device", str, "auto", T, "`auto`: CUDA when Ray gives the client a GPU, else the "
+        "CPU", _device, "auto, cpu, cuda or cuda:N", resumable=True),
+    # ---------------------------------------------------------------- mutual learning
+    Key("alpha", float, 0.5, M, "CE weight of the private model's loss; (1-α) weighs its "
+        "KL toward the meme", _in(0, 1), _RANGE_01),
+    Key("beta", float, 0.5, M, "CE weight of the meme's loss; (1-β) weighs its KL toward "
+        "the private model", _in(0, 1), _RANGE_01),
+    Key("temperature", float, 1.0, M, "distillation temperature T (the KL is scaled by T²)",
+        _positive, "a number > 0"),
+    Key("distill-weighting", DistillWeighting, DistillWeighting.ADDITIVE, M,
+        "`additive`: CE at full weight plus (1-α)·KL (resp. β), distillation as a "
+        "regulariser on top of plain training (Hinton et al. 2015); `fixed`: the convex "
+        "α·CE + (1-α)·KL of the FML paper (Shen et al. 2020), which halves the label "
+        "gradient at α = 0.5; `adaptive`: each KL divided by the batch's detached "
+        "CE_local + CE_meme, so a poor teacher pulls less (FedKD, Wu et al. 2022)"),
+    Key("distill-gate", DistillGate, DistillGate.NONE, M,
+        "which samples' KL toward a teacher counts: `correct` (the teacher predicts the "
+        "label), `confident` (its top probability >= `distill-gate-threshold`); every "
+        "sample keeps its CE (confidence-filtered distillation, as in FixMatch)"),
+    Key("distill-gate-threshold", float, 0.5, M, "the teacher's top probability that "
+        "`confident` needs", _in(0, 1), _RANGE_01),
+    Key("distill-prior", DistillPrior, DistillPrior.NONE, M,
+        "`client`: the meme teaches with its logits plus the log of the client's label "
+        "prior (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022); `seen`: "
+        "the meme renormalised over the client's own classes (FedRS, Li & Zhan 2021)"),
+    Key("warmup-rounds", int, 0, M, "a private model's first k trainings learn from the "
+        "labels only (the meme still distils from it)", _non_negative, "an integer >= 0"),
+    Key("personal-mix", bool, False, M, "`fml` only: each client also learns w for its "
+        "personalised prediction w·p_local + (1-w)·p_meme on its training data and is "
+        "scored on it (`mix_accuracy`; APFL, Deng et al. 2020)"),
+    # ---------------------------------------------------------------- data
+    Key("dataset", str, "fashion-mnist", D,
+        "`fashion-mnist`, `mnist`, `cifar10`, `cifar100` (torchvision layout under "
+        "`data-dir`), `digits` (scikit-learn), `synthetic` (generated), `npz` (each "
+        "node's own file)", lambda v: v in DATASET_NAMES,
+        f"one of {', '.join(DATASET_NAMES)}"),
+    Key("data-dir", str, "", D, "folder of the dataset files; empty: "
+        "`~/.cache/fedmutual/data` (Fashion-MNIST also from Debian's package)"),
+    Key("data-path", str, "", D, "`npz` only: a file with `x` (N,H,W / N,C,H,W / N,H,W,C) "
+        "and integer `y`, optional `x_test`/`y_test`; `{partition-id}` is replaced per "
+        "client; a node's `--node-config data-path=…` wins"),
+    Key("npz-mean", str, "0", D, "`npz` only: every node maps uint8 to [0, 1], then "
+        "(x - mean) / std, one value or one per channel: one input space for the meme",
+        _float_list(lambda v: True), "a comma list of numbers"),
+    Key("npz-std", str, "1", D, "`npz` only: see `npz-mean`",
+        _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
+    Key("num-classes", int, 0, D, "`npz`: the federation's class count; built-in datasets "
+        "take 0 or their own count", _non_negative,
+        "an integer >= 0 (0: for npz, one more than the largest label of the nodes "
+        "identified when the run starts)"),
+    Key("partitioner", Partitioner, Partitioner.DIRICHLET, D,
+        "how a built-in dataset is split across simulated clients (flwr-datasets)"),
+    Key("dirichlet-alpha", float, 0.1, D, "`dirichlet`: concentration of each client's "
+        "label mix", _positive, "a number > 0"),
+    Key("classes-per-client", int, 2, D, "`pathological`: labels per client", _positive,
+        "an integer >= 1"),
+    Key("test-fraction", float, 0.25, D, "share of each client's partition held out as its "
+        "personal test set", _in(0, 1, True, True), "a number in (0, 1)"),
+    # ---------------------------------------------------------------- aggregation
+    Key("fraction-train", float, 1.0, A, "share of the connected clients sampled to train "
+        "each round", _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("fraction-evaluate", float, 1.0, A, "share sampled to evaluate each round",
+        _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("aggregation", Aggregation, Aggregation.WEIGHTED, A,
+        "`weighted` (by num-examples), `uniform` (as in the FML paper); robust, through "
+        "Flower's strategies: `median`, `trimmed-mean` (`trimmed-mean-beta` per side), "
+        "`krum` and `multi-krum` (tolerating `num-malicious`)"),
+    Key("trimmed-mean-beta", float, 0.2, A, "`trimmed-mean`: share cut on each side",
+        _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
+    Key("num-malicious", int, 1, A, "`krum`, `multi-krum`: clients tolerated",
+        _non_negative, "an integer >= 0"),
+    Key("max-client-weight", int, 0, A, "`weighted`: cap on a reply's num-examples",
+        _non_negative, "an integer >= 0 (0: the largest train split reported by the clients)"),
+    # ---------------------------------------------------------------- privacy
+    Key("dp-mode", DpMode, DpMode.NONE, P,
+        "client-level DP on the meme: `server` (the server clips each update), `client` "
+        "(each client clips its own); needs `aggregation = \"uniform\"`"),
+    Key("dp-noise-multiplier", float, 1.0, P, "σ: the noise std on the average is σ·C/m "
+        "for m sampled clients", _non_negative, "a number >= 0"),
+    Key("dp-clipping-norm", float, 1.0, P, "C: the L2 bound on each client's meme update",
+        _positive, "a number > 0"),
+    Key("dp-delta", float, 1e-5, P, "the δ at which ε is reported", _in(0, 1, True, True),
+        "a number in (0, 1)"),
+    Key("secure-aggregation", bool, False, P, "SecAgg+ (Flower's protocol): the server "
+        "sees only the sum of the memes"),
+    Key("secagg-num-shares", float, 1.0, P, "share of the sampled clients each one shares "
+        "its keys with", _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("secagg-threshold", float, 0.5, P, "share of those shares needed to unmask a "
+        "dropped client", _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("secagg-clipping-range", float, 8.0, P, "meme values must lie in ±this (the "
+        "quantizer's range)", _positive, "a number > 0"),
+    Key("audit-dir", str, "", P, "record every reply each client sends (and a snapshot of "
+        "its private model) under this folder; empty: off", resumable=True),
+    # ---------------------------------------------------------------- deployment
+    Key("min-clients", int, 2, DEP, "clients that must be connected (and are sampled at "
+        "least) before a round starts", _positive, "an integer >= 1", resumable=True),
+    Key("round-timeout", float, 3600.0, DEP, "seconds a round (and the wait for clients) "
+        "lasts at most", _positive, "seconds > 0", resumable=True),
+    Key("state-dir", str, "", DEP, "folder where each client keeps its private model "
+        "between rounds and restarts; empty: in memory for the run; a node's "
+        "`--node-config state-dir=…` wins", resumable=True),
+    Key("reset-private", bool, False, DEP, "ignore saved private models and start fresh"),
+    Key("faults", str, "", DEP, "inject faults (robustness experiments): `raise:P[@R]`, "
+        "`nan:P[@R]`, `scaleK:P[@R]` (a poisoning client), `slowS:P[@R]` (a straggler), "
+        "P the partition id, R a round (default every round)", _faults,
+        "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan, scale<FACTOR> "
+        "or slow<SECONDS>"),
+    # ---------------------------------------------------------------- run
+    Key("seed", int, 42, R, "seeds python, numpy, torch, partitioning, initialisation, "
+        "shuffling and sampling; never DP noise, the sample under DP or SecAgg+ masks "
+        "(the OS's secure source)", _non_negative, "an integer >= 0"),
+    Key("resume-from", str, "", R, "a run folder to continue after its last checkpoint",
+        resumable=True),
+    Key("output-dir", str, "", R, "results root; empty: `outputs/` in the project; relative "
+        "paths are taken from the project folder", resumable=True),
+    Key("run-name", str, "", R, "results folder; empty: "
+        "`<algorithm>-<dataset>-seed<seed>-<UTC time>`",
+        lambda v: "/" not in v and v not in (".", ".."), "a folder name without '/'",
+        resumable=True),
+)
+BY_NAME: dict[str, Key] = {k.name: k for k in SCHEMA}
+RESUMABLE: frozenset[str] = frozenset(k.name for k in SCHEMA if k.resumable)
