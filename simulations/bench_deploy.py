@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from simulations.flwr_local import ROOT, Deployment, save_benchmark, wait_for_rounds
+from common.flwr_local import ROOT, Deployment, save_benchmark, wait_for_rounds
 
 PROBE = """
 import time, sys

@@ -24,11 +24,11 @@ import torch
 
 from common.config import load_config
 from common.data import central_test_set, dataset_spec, load_client_data
+from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.models import build_model
 from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
 from common.runtime import derive_seed, resolve_device, seed_everything
 from server.aggregate import weighted_average
-from simulations.flwr_local import ROOT, SimLink, save_benchmark
 
 
 def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:

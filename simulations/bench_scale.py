@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from common.config import load_config
+from common.flwr_local import ROOT, PeakRSS, SimLink, save_benchmark
 from common.models import TaskSpec, build_model
-from simulations.flwr_local import ROOT, PeakRSS, SimLink, save_benchmark
 
 
 def private_state_bytes(model: str, spec: TaskSpec) -> int:

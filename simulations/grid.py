@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from common.config import Algorithm, load_config
-from simulations.flwr_local import ROOT, SimLink
+from common.flwr_local import ROOT, SimLink
 
 PRESETS = ROOT / "simulations" / "presets"
 

@@ -17,7 +17,7 @@ if _OWN_CACHE:
 import pytest  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
 
-from simulations.flwr_local import ROOT, SimLink, flwr_env, free_port  # noqa: E402
+from common.flwr_local import ROOT, SimLink, flwr_env, free_port  # noqa: E402
 
 __all__ = ["ROOT", "flwr_env", "free_port", "make_context", "make_message", "task_config"]
 

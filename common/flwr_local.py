@@ -1,4 +1,6 @@
-"""A simulation SuperLink of our own on a free loopback port, and ``flwr run`` against it.
+"""Flower on 127.0.0.1 for the grid, the benchmarks and the tests: a simulation SuperLink of
+our own and ``flwr run`` against it, or a SuperLink and SuperNodes started as users start
+them (``fedmutual-deploy``).
 
 The grid runner, the benchmarks and the end-to-end tests use it, so they never depend on
 (or disturb) the user's default local SuperLink, whose working directory and settings are
@@ -186,27 +188,20 @@ class Deployment:
     DEPLOY = [sys.executable, "-m", "server.deploy"]
 
     def __init__(self, root: Path, tls: bool = True) -> None:
-        from server.deploy import make_certs, write_connection
-
         self.root, self.tls = root, tls
         root.mkdir(parents=True, exist_ok=True)
         self.env = flwr_env(root / "home")
         self.env["PYTHONPATH"] = str(ROOT)
         self.port = free_port()
         self.procs: dict[str, subprocess.Popen] = {}
-        old = os.environ.get("FLWR_HOME")
-        os.environ["FLWR_HOME"] = self.env["FLWR_HOME"]
-        try:
-            if tls:
-                self.certs = make_certs(root / "certs", ["127.0.0.1", "localhost"])
-                write_connection("fm", f"127.0.0.1:{self.port}", self.certs["ca.crt"])
-            else:
-                write_connection("fm", f"127.0.0.1:{self.port}", None, insecure=True)
-        finally:
-            if old is None:
-                os.environ.pop("FLWR_HOME")
-            else:
-                os.environ["FLWR_HOME"] = old
+        address = f"127.0.0.1:{self.port}"
+        if tls:
+            certs = root / "certs"
+            self._deploy("certs", str(certs), "--host", "127.0.0.1", "--host", "localhost")
+            self.certs = {name: certs / name for name in ("ca.crt", "server.crt")}
+            self._deploy("connection", "fm", address, "--ca", str(self.certs["ca.crt"]))
+        else:
+            self._deploy("connection", "fm", address, "--insecure")
         cmd = [*self.DEPLOY, "superlink", "--state", str(root / "link"), "--host", "127.0.0.1",
                "--port", str(self.port)]
         self.start("superlink", [*cmd, "--certs", str(root / "certs")] if tls
@@ -229,12 +224,18 @@ class Deployment:
 
     def key(self, name: str) -> tuple[Path, Path]:
         """The node's key pair, made on first use."""
-        from server.deploy import make_node_key
-
         priv = self.root / "keys" / name
-        if priv.exists():
-            return priv, priv.with_suffix(".pub")
-        return make_node_key(self.root / "keys", name)
+        if not priv.exists():
+            self._deploy("node-key", str(self.root / "keys"), name)
+        return priv, priv.with_suffix(".pub")
+
+    def _deploy(self, *args: str) -> str:
+        """A one-shot ``fedmutual-deploy`` command (the CLI users run); fails loudly."""
+        out = subprocess.run([*self.DEPLOY, *args], env=self.env, capture_output=True,
+                             text=True, timeout=60, cwd=ROOT)
+        if out.returncode != 0:
+            raise RuntimeError(f"fedmutual-deploy {' '.join(args)} failed: {out.stderr}")
+        return out.stdout
 
     def register(self, name: str) -> str:
         """``fedmutual-deploy register`` the node's public key; returns what it printed."""
