@@ -151,4 +151,5 @@ def main(grid: Grid, context: Context) -> None:
         raise SecureAggregationFailed(msg) from None
     if cfg.algorithm.trains_meme:
         torch_save_atomic(run_log.run_dir / "meme_final.pt", meme.state_dict())
+    run_log.tensorboard.close()
     print(run_log.summary(), flush=True)

@@ -14,6 +14,7 @@ import torch
 
 from common.atomic import atomic_write
 from common.config import Config
+from server.tensorboard import TensorBoardLog
 
 METRIC_KEYS = (
     "round", "local_accuracy", "meme_accuracy", "central_meme_accuracy", "train_loss_local",
@@ -86,6 +87,7 @@ class RunLog:
         self._current: dict[str, Any] | None = None
         self._current_clients: list[dict[str, Any]] = []
         self._t0 = 0.0
+        self.tensorboard = TensorBoardLog(run_dir)
 
     @classmethod
     def create(cls, cfg: Config) -> RunLog:
@@ -157,6 +159,7 @@ class RunLog:
             write_json_atomic(self.run_dir / "clients.json", self.clients)
         self._current = None
         write_json_atomic(self.run_dir / "metrics.json", self.records)
+        self.tensorboard.write(self.records[-1])
 
     def summary(self) -> str:
         """One line: best and final local, meme and central accuracy."""

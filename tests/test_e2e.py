@@ -1,5 +1,6 @@
 """End to end: real ``flwr run`` simulations against a SuperLink of the test session's own."""
 
+import importlib.util
 import json
 
 import numpy as np
@@ -52,6 +53,15 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
     state = torch.load(run_dir / "meme_final.pt", weights_only=True)
     assert set(state) == {"1.weight", "1.bias", "3.weight", "3.bias", "5.weight", "5.bias"}
     assert "fedmutual summary: local accuracy best" in out
+    # the same rounds for `tensorboard --logdir outputs` (the dev extra installs it)
+    if importlib.util.find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir))
+        events.Reload()
+        tb = [(e.step, e.value) for e in events.Scalars("central_meme_accuracy")]
+        assert tb == [(r["round"], pytest.approx(r["central_meme_accuracy"], rel=1e-6))
+                      for r in records]
 
 
 def test_heterogeneous_private_models(simlink, tmp_path):
