@@ -23,9 +23,9 @@ from common.config import Aggregation, Config, load_config
 from common.data import ClientData, load_client_data
 from common.faults import apply_to_update
 from common.models import TaskSpec, build_model
-from common.mutual import Hyper, evaluate, evaluate_mixture, make_optimizer, train_epochs
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device
+from common.training import Hyper, evaluate, evaluate_mixture, make_optimizer, train_epochs
 
 app = ClientApp(mods=[audit_mod])
 

@@ -24,10 +24,10 @@ from torch import nn
 from common.atomic import atomic_write
 from common.config import Config
 from common.models import TaskSpec, build_model
-from common.mutual import make_optimizer
 from common.options import MODEL_NAMES
 from common.records import load_into, optimizer_from_records, optimizer_to_records, to_record
 from common.runtime import derive_seed
+from common.training import make_optimizer
 
 _MODEL, _OPTIM, _OPTIM_SCALARS, _META = (
     "private-model", "private-optimizer", "private-optimizer-scalars", "private-meta",

@@ -14,9 +14,9 @@ from torch import nn
 from common.config import Algorithm, Config, ConfigError, load_config
 from common.data import central_test_set, dataset_spec
 from common.models import TaskSpec, build_model
-from common.mutual import evaluate
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
+from common.training import evaluate
 from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from server.privacy import wrap_dp
 from server.results import RunLog, project_path, torch_save_atomic

@@ -26,8 +26,8 @@ from common.config import load_config
 from common.data import central_test_set, dataset_spec, load_client_data
 from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.models import build_model
-from common.mutual import Hyper, evaluate, make_optimizer, train_epochs
 from common.runtime import derive_seed, resolve_device, seed_everything
+from common.training import Hyper, evaluate, make_optimizer, train_epochs
 from server.aggregate import weighted_average
 
 

@@ -8,7 +8,7 @@ import tempfile
 import time
 
 # Tests keep their dataset/partition caches apart from the user's (~/.cache/fedmutual);
-# set before any test module imports common.data, inherited by every flwr process.
+# set before any test module imports common.datasets, inherited by every flwr process.
 _OWN_CACHE = None if "FEDMUTUAL_CACHE" in os.environ else tempfile.mkdtemp(
     prefix="fedmutual-test-cache-")
 if _OWN_CACHE:

@@ -8,15 +8,8 @@ import numpy as np
 import pytest
 
 from common.config import load_config
-from common.data import (
-    DEBIAN_FASHION_MNIST,
-    DataError,
-    load_client_data,
-    load_dataset,
-    load_npz,
-    read_idx,
-    resolve_data_path,
-)
+from common.data import load_client_data, load_npz, resolve_data_path
+from common.datasets import DEBIAN_FASHION_MNIST, DataError, load_dataset, read_idx
 
 
 def _write_idx(path: Path, arr: np.ndarray, gz: bool = True) -> None:

@@ -16,7 +16,7 @@ from common.config import load_config
 from common.data import load_client_data
 from common.flwr_local import Deployment, free_port, wait_for_rounds
 from common.models import TaskSpec, build_model
-from common.mutual import evaluate
+from common.training import evaluate
 
 pytestmark = pytest.mark.e2e
 RUN = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp", "batch-size": 32,

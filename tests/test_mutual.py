@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.mutual import Hyper, distillation_kl, evaluate, mutual_losses, train_epochs
+from common.mutual import distillation_kl, mutual_losses
+from common.training import Hyper, evaluate, train_epochs
 
 
 def _softmax(row):
@@ -277,7 +278,7 @@ def test_mixture_step_descends_the_mixtures_cross_entropy_by_hand():
 
 
 def test_evaluate_mixture_by_hand():
-    from common.mutual import evaluate_mixture
+    from common.training import evaluate_mixture
 
     local, meme = nn.Linear(2, 3), nn.Linear(2, 3)
     with torch.no_grad():
