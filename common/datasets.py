@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -233,6 +233,20 @@ def _write_cached(folder: Path, ds: ArrayDataset) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+# name -> raw arrays (x_train, y_train, x_test, y_test) from data-dir; "npz" is each node's own
+LOADERS: dict[str, Callable[[str], dict[str, np.ndarray]]] = {
+    "fashion-mnist": functools.partial(_load_mnist_like, "fashion-mnist"),
+    "mnist": functools.partial(_load_mnist_like, "mnist"),
+    "cifar10": functools.partial(_load_cifar, "cifar10"),
+    "cifar100": functools.partial(_load_cifar, "cifar100"),
+    "digits": lambda data_dir: _load_digits(),
+    "synthetic": lambda data_dir: _load_synthetic(),
+}
+if set(LOADERS) | {"npz"} != set(DATASET_NAMES):  # the config validates without torch
+    raise ImportError(f"common.datasets loads {sorted(LOADERS)} (+ npz), but "
+                      f"common.options.DATASET_NAMES lists {DATASET_NAMES}: keep them in step")
+
+
 @functools.lru_cache(maxsize=4)
 def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
     """A built-in dataset, normalised; once per process, and memory-mapped from a disk cache.
@@ -249,15 +263,7 @@ def load_dataset(name: str, data_dir: str = "") -> ArrayDataset:
     cached = _read_cached(folder)
     if cached is not None:
         return cached
-    if name in ("fashion-mnist", "mnist"):
-        arrays = _load_mnist_like(name, data_dir)
-    elif name in ("cifar10", "cifar100"):
-        arrays = _load_cifar(name, data_dir)
-    elif name == "digits":
-        arrays = _load_digits()
-    else:
-        arrays = _load_synthetic()
-    ds = normalise(arrays)
+    ds = normalise(LOADERS[name](data_dir))
     _write_cached(folder, ds)
     return ds
 
