@@ -6,8 +6,11 @@
   file write per message.
 - :func:`secure_mod` (train): Flower's ``secaggplus_mod`` for the messages of the SecAgg+
   protocol; plain train messages pass through untouched.
-- :func:`dp_clip_mod` (train, innermost): with ``dp-mode=client``, clips the meme update to
-  the norm the server's DP wrapper sent, before it is masked or sent.
+- :func:`client.secure.legacy_mod` (train): SecAgg+'s legacy records in and out.
+- :func:`dp_clip_mod` (train): with ``dp-mode=client``, clips the meme update to the norm
+  the server's DP wrapper sent, before it is masked or sent.
+- :func:`fault_mod` (train, innermost): the injected faults of run-config ``faults``
+  (robustness experiments): raise, straggle, or send a NaN or scaled meme.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from client import private
 from common.atomic import atomic_write
 from common.config import load_config
+from common.faults import apply_to_update
 from common.privacy import clip_update
 
 
@@ -104,4 +108,29 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
                              {k: a.numpy() for k, a in sent.items()}, norm)
     reply.content.array_records[name] = ArrayRecord(
         {k: Array(clipped[k]) for k in record.keys()})
+    return reply
+
+
+def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """The faults that hit this client in this round: ``raise`` (an error reply), ``slow``
+    (a straggler: sleeps first), ``nan`` and ``scale`` (a broken or poisoning meme)."""
+    cfg = load_config(context.run_config)
+    if not cfg.faults:
+        return call_next(msg, context)
+    node = private.node_info(cfg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    faults = [f for f in cfg.fault_list if f.applies(node.partition_id, server_round)]
+    if any(f.kind == "raise" for f in faults):
+        raise RuntimeError(f"injected fault: client {node.partition_id} raises in round "
+                           f"{server_round} (run-config 'faults')")
+    for fault in (f for f in faults if f.kind == "slow"):
+        time.sleep(fault.seconds)
+    reply = call_next(msg, context)
+    if reply.has_error() or not len(reply.content["arrays"]):
+        return reply
+    sent = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    for fault in faults:
+        sent = apply_to_update(fault, sent, received)
+    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in sent.items()})
     return reply

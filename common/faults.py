@@ -4,11 +4,12 @@ scaled (poisoned) update, or is a straggler. Set with the run-config key ``fault
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # the config parses faults without importing torch
-    import torch
+if TYPE_CHECKING:  # the config parses faults without importing numpy
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,17 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
     return tuple(faults)
 
 
-def apply_to_update(fault: Fault, trained: dict[str, torch.Tensor],
-                    received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def apply_to_update(fault: Fault, trained: Mapping[str, np.ndarray],
+                    received: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The meme a faulty client sends instead of ``trained`` (``received`` is the global)."""
     if fault.kind not in ("nan", "scale"):
-        return trained
+        return dict(trained)
     out = {}
     for k, v in trained.items():
-        if not v.is_floating_point():
+        if v.dtype.kind != "f":  # counters stay as they are
             out[k] = v
         elif fault.kind == "nan":
             out[k] = v * float("nan")  # NaN everywhere (NaN·x is NaN, also for inf)
         else:  # scale
-            out[k] = received[k] + fault.factor * (v - received[k])
+            out[k] = (received[k] + fault.factor * (v - received[k])).astype(v.dtype)
     return out

@@ -1,4 +1,5 @@
-"""ServerApp: validate the config, build (or resume) the meme, run the strategy, write results."""
+"""ServerApp: validate the config, build (or resume) the meme, run the rounds
+(:mod:`server.rounds`), write the results."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from collections import Counter
 from logging import ERROR, INFO, WARNING
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch import nn
@@ -18,16 +19,18 @@ from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
 from common.training import evaluate
 from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from server.identity import TooFewClients
 from server.privacy import wrap_dp
 from server.results import RunLog, project_path, torch_save_atomic
+from server.rounds import run_rounds
 from server.secure import SecureAggregationFailed
-from server.strategy import MemeStrategyMixin, TooFewClients, build_strategy
+from server.strategy import MemeStrategy, build_strategy
 from server.validate import template_of
 
 app = ServerApp()
 
 
-def _spec_from_clients(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
+def _spec_from_clients(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskSpec:
     """With ``npz`` data only the clients know the task shape: they report it when identified.
 
     Asked once ``min-clients`` nodes are connected (a bounded wait). The most common image
@@ -37,24 +40,24 @@ def _spec_from_clients(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> 
     refused with an error that names it.
     """
     strategy.ordered(grid)
-    shapes = Counter((int(m["channels"]), int(m["size"])) for m in strategy.client_info.values())
+    shapes = Counter((int(m["channels"]), int(m["size"])) for m in strategy.clients.info.values())
     if not shapes:
         raise RuntimeError("no client could describe its data (every identify reply failed): "
                            "see the client errors above")
     (channels, size), _ = shapes.most_common(1)[0]
-    for m in strategy.client_info.values():
+    for m in strategy.clients.info.values():
         if (int(m["channels"]), int(m["size"])) != (channels, size):
             log(WARNING, "client %s has %sx%spx images, the federation uses %sx%spx: it will "
                 "be left out", m["client-key"], m["channels"], m["size"], channels, size)
-    classes = cfg.num_classes or max(int(m["num-classes"]) for m in strategy.client_info.values())
+    classes = cfg.num_classes or max(int(m["num-classes"]) for m in strategy.clients.info.values())
     if not cfg.num_classes:
         log(INFO, "fedmutual: num-classes=%d from the %d connected nodes' labels (set "
             "run-config 'num-classes' if later nodes hold more)", classes,
-            len(strategy.client_info))
+            len(strategy.clients.info))
     return TaskSpec(channels, size, classes)
 
 
-def _task_spec(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec:
+def _task_spec(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskSpec:
     """The task shape: the built-in dataset's, or what the ``npz`` nodes report."""
     spec = dataset_spec(cfg)
     if spec is None:
@@ -66,32 +69,32 @@ def _task_spec(cfg: Config, strategy: MemeStrategyMixin, grid: Grid) -> TaskSpec
     return spec
 
 
-def make_round_closer(cfg: Config, spec: TaskSpec, meme: nn.Module, run_log: RunLog,
-                      strategy: MemeStrategyMixin):
-    """Flower's ``evaluate_fn``, called after each round's training and client evaluation:
-    it evaluates the meme on the global test set, closes the round's record (metrics.json)
-    and writes the checkpoint."""
+def central_evaluation(cfg: Config, spec: TaskSpec, run_log: RunLog):
+    """The meme on the dataset's central test set, recorded as ``central_meme_accuracy``
+    (nothing for ``local`` or ``npz``, which have no meme or no central test set)."""
     test = central_test_set(cfg) if cfg.algorithm.trains_meme else None
     device = resolve_device(cfg.device)
     model = build_model(cfg.meme_model, spec).to(device) if test is not None else None
 
-    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        result = None
+    def evaluate_central(arrays: ArrayRecord) -> None:
         if model is not None and len(arrays) > 0:
             load_into(model, arrays, what="aggregated meme")
-            loss, acc = evaluate(model, test[0], test[1], device)
+            _, acc = evaluate(model, test[0], test[1], device)
             run_log.set(central_meme_accuracy=acc)
-            result = MetricRecord({"central-accuracy": acc, "central-loss": loss})
-        if flower_round > 0:
-            run_log.end_round()
-            if len(arrays) > 0:
-                load_into(meme, arrays, what="aggregated meme")
-            save_checkpoint(run_log.run_dir, flower_round + strategy.round_offset,
-                            meme.state_dict(), run_log.records, cfg,
-                            {"client_keys_seen": len(strategy.client_keys)})
-        return result
 
-    return evaluate_fn
+    return evaluate_central
+
+
+def checkpointer(cfg: Config, meme: nn.Module, run_log: RunLog, strategy: MemeStrategy):
+    """Write ``checkpoint.pt`` after a closed round (meme, records, config, RNG states)."""
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        if len(arrays) > 0:
+            load_into(meme, arrays, what="aggregated meme")
+        save_checkpoint(run_log.run_dir, server_round, meme.state_dict(), run_log.records, cfg,
+                        {"client_keys_seen": len(strategy.clients.keys)})
+
+    return checkpoint
 
 
 def _start(cfg: Config) -> tuple[RunLog, Checkpoint | None]:
@@ -116,24 +119,22 @@ def main(grid: Grid, context: Context) -> None:
         spec = _task_spec(cfg, strategy, grid)
         torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
         meme = build_model(cfg.meme_model, spec)
+        done = 0
         if ckpt is not None:
             load_into(meme, to_record(ckpt.meme), what=f"meme in {ckpt.path}")
             restore_rng(ckpt)
-            strategy.round_offset = ckpt.round
+            done = ckpt.round
         initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
         strategy.template = template_of(initial)
         task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
                 "lineage": run_log.run_dir.name}
         if cfg.algorithm is Algorithm.FEDPROX:
             task["proximal-mu"] = cfg.proximal_mu
-        remaining = cfg.num_server_rounds - strategy.round_offset
-        if remaining > 0:
-            wrap_dp(strategy).start(
-                grid=grid, initial_arrays=initial, num_rounds=remaining,
-                timeout=cfg.round_timeout, train_config=ConfigRecord(task),
-                evaluate_config=ConfigRecord(dict(task)),
-                evaluate_fn=make_round_closer(cfg, spec, meme, run_log, strategy),
-            )
+        run_rounds(wrap_dp(strategy), grid, initial, first=done + 1,
+                   last=cfg.num_server_rounds, train_config=ConfigRecord(task),
+                   evaluate_config=ConfigRecord(dict(task)), timeout=cfg.round_timeout,
+                   run_log=run_log, evaluate_central=central_evaluation(cfg, spec, run_log),
+                   checkpoint=checkpointer(cfg, meme, run_log, strategy))
     except TooFewClients as exc:
         done = len(run_log.records)
         kept = (f"Rounds 1-{done} are kept in {run_log.run_dir} (checkpoint.pt); continue with "

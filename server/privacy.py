@@ -22,88 +22,89 @@ With ``secure-aggregation`` the sum comes from SecAgg+ and the server adds the n
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
+    Strategy,
 )
 from flwr.supercore import log
 from flwr.supercore.differential_privacy import compute_stdv
 
-from common.config import DpMode
+from common.config import Config, DpMode
 from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
-from server.strategy import MemeStrategyMixin
+from server.results import RunLog
+from server.strategy import MemeStrategy
 
 _NORM_SLACK = 1e-5  # relative: float32 rounding of a client's clipped update
 
 
 class _MemeDp:
-    """The shared ``aggregate_train`` of both wrappers (mixed in front of Flower's)."""
+    """The shared ``aggregate_train`` of both wrappers (mixed in front of Flower's); it
+    talks to the meme strategy through ``collect`` and ``release`` only."""
 
-    strategy: MemeStrategyMixin
+    strategy: MemeStrategy
     noise_multiplier: float
     clipping_norm: float
     num_sampled_clients: int
     clips_on_server: bool = True
+    cfg: Config
+    run_log: RunLog
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate, clip (or check the client's clipping), average over m, noise, account."""
-        inner = self.strategy
-        ref = {k: a.numpy() for k, a in inner.current_arrays.items()}
-        if inner.cfg.secure_aggregation:
-            result = inner.secure_round(server_round)
-            contents, n = result.contents, len(result.contents)
+        got = self.strategy.collect(server_round, replies)
+        ref = got.reference
+        norms: list[float] = []
+        if got.secure_mean is not None:
             # SecAgg+ gives the mean over the n that completed: back to the sum, over m below
-            updates = [{k: ref[k] + n * (v - ref[k]) for k, v in result.mean.items()}]
-            norms: list[float] = []
+            n = len(got.contents)
+            updates = [{k: ref[k] + n * (v - ref[k]) for k, v in got.secure_mean.items()}]
+            contents = got.contents
         else:
-            accepted = inner.accept(inner.sort_replies(replies))
-            contents, updates, norms = [], [], []
-            for m in accepted:
-                record = next(iter(m.content.array_records.values()))
-                clipped, norm = clip_update({k: a.numpy() for k, a in record.items()}, ref,
-                                            self.clipping_norm)
+            contents, updates = [], []
+            for content, meme, node in zip(got.contents, got.memes, got.nodes, strict=True):
+                clipped, norm = clip_update(meme, ref, self.clipping_norm)
                 if not self.clips_on_server and norm > self.clipping_norm * (1 + _NORM_SLACK):
-                    inner.run_log.add("rejected_updates", 1)
+                    self.run_log.add("rejected_updates", 1)
                     log(WARNING, "rejected the update of node %d: norm %.4g exceeds "
-                        "dp-clipping-norm=%g (the client did not clip)",
-                        m.metadata.src_node_id, norm, self.clipping_norm)
+                        "dp-clipping-norm=%g (the client did not clip)", node, norm,
+                        self.clipping_norm)
                     continue
-                contents.append(m.content)
+                contents.append(content)
                 updates.append(clipped)
                 norms.append(norm)
+        got = replace(got, contents=contents)
         if not contents:
-            return inner.skip_round()
-        metrics = inner.note_accepted(contents)
-        sampled = max(inner.sent_train, len(contents))
+            return self.strategy.release(None, got)
+        sampled = max(got.sampled, len(contents))
         self.num_sampled_clients = sampled
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
         noised = noisy_mean_update(ref, updates, sampled, std)
-        arrays = ArrayRecord({k: Array(v) for k, v in noised.items()})
-        epsilon = self._account(sampled, inner.population)
-        inner.run_log.set(dp_epsilon=epsilon, dp_delta=inner.cfg.dp_delta, dp_noise_std=std,
-                          dp_sampled=sampled, dp_population=inner.population,
-                          dp_clipped=sum(n > self.clipping_norm for n in norms) if norms
-                          else None,
-                          dp_update_norm=float(np.median(norms)) if norms else None)
+        epsilon = self._account(sampled, got.population)
+        self.run_log.set(dp_epsilon=epsilon, dp_delta=self.cfg.dp_delta, dp_noise_std=std,
+                         dp_sampled=sampled, dp_population=got.population,
+                         dp_clipped=sum(n > self.clipping_norm for n in norms) if norms
+                         else None,
+                         dp_update_norm=float(np.median(norms)) if norms else None)
         log(INFO, "dp: noise std %.4g (sigma %g x C %g / m %d); epsilon %.4g at delta %g",
             std, self.noise_multiplier, self.clipping_norm, sampled, epsilon,
-            inner.cfg.dp_delta)
-        return arrays, metrics
+            self.cfg.dp_delta)
+        return self.strategy.release(noised, got)
 
     def _account(self, sampled: int, population: int) -> float:
         """ε after every released round so far, this one included (from metrics records)."""
-        inner = self.strategy
         releases = [Release(self.noise_multiplier, int(r["dp_sampled"]),
                             int(r["dp_population"]))
-                    for r in inner.run_log.records if r.get("dp_sampled")]
+                    for r in self.run_log.records if r.get("dp_sampled")]
         releases.append(Release(self.noise_multiplier, sampled, max(population, sampled)))
-        return epsilon_spent(releases, inner.cfg.dp_delta,
-                             subsampled=inner.cfg.fraction_train < 1)
+        return epsilon_spent(releases, self.cfg.dp_delta,
+                             subsampled=self.cfg.fraction_train < 1)
 
 
 class MemeDpServerSide(_MemeDp, DifferentialPrivacyServerSideFixedClipping):
@@ -118,10 +119,12 @@ class MemeDpClientSide(_MemeDp, DifferentialPrivacyClientSideFixedClipping):
     clips_on_server = False
 
 
-def wrap_dp(strategy: MemeStrategyMixin):
+def wrap_dp(strategy: MemeStrategy) -> Strategy:
     """The strategy that runs the rounds: the meme strategy, or a DP wrapper around it."""
     cfg = strategy.cfg
     if not cfg.dp_mode.enabled:
         return strategy
     cls = MemeDpServerSide if cfg.dp_mode is DpMode.SERVER else MemeDpClientSide
-    return cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.min_clients)
+    dp = cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.min_clients)
+    dp.cfg, dp.run_log = cfg, strategy.run_log
+    return dp

@@ -28,7 +28,7 @@ from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.models import build_model
 from common.runtime import derive_seed, resolve_device, seed_everything
 from common.training import Hyper, evaluate, make_optimizer, train_epochs
-from server.aggregate import weighted_average
+from server.aggregate import weighted
 
 
 def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
@@ -62,7 +62,7 @@ def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
                                  data.x_train, data.y_train, hp, gen, device)
             states.append({k: v.detach().cpu().numpy() for k, v in meme.state_dict().items()})
             weights.append(stats.num_examples)
-        avg = weighted_average(states, weights)
+        avg = weighted(states, weights)
         global_state = {k: torch.from_numpy(v) for k, v in avg.items()}
         meme = build_model(cfg.meme_model, spec)
         meme.load_state_dict(global_state)

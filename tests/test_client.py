@@ -7,6 +7,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MessageType, RecordDict
 
 from client import app as client_app
 from client import private
+from client.mods import fault_mod
+from client.secure import legacy_mod
 from common.models import TaskSpec, build_model
 from common.records import to_record
 from tests.conftest import make_context, make_message, task_config
@@ -127,7 +129,8 @@ def test_secure_aggregation_sums_only_the_floating_arrays_of_a_batchnorm_meme():
     msg = make_message(compat.fitins_to_recorddict(
         FitIns(params, dict(task_config(1, 8, 10))), keep_input=True))
     ctx = make_context(run)
-    reply = compat.recorddict_to_fitres(client_app.train(msg, ctx).content, keep_input=True)
+    reply = compat.recorddict_to_fitres(legacy_mod(msg, ctx, client_app.train).content,
+                                        keep_input=True)
     sent = parameters_to_ndarrays(reply.parameters)
     assert [a.shape for a in sent] == [tuple(meme[k].shape) for k in floats]
     assert all(a.dtype == np.float32 for a in sent)
@@ -175,3 +178,33 @@ def test_personal_mix_learns_a_weight_keeps_it_and_scores_the_mixture():
 
     with pytest.raises(ConfigError, match="'personal-mix' = true .* expected algorithm 'fml'"):
         load_config({**RUN, "algorithm": "fedavg", "personal-mix": True})
+
+
+def test_fault_mod_poisons_breaks_or_raises_only_where_the_config_says():
+    """scale100 sends global + 100·(trained − global), nan sends NaN, counters stay, and a
+    fault for another partition or round leaves the reply untouched."""
+    from flwr.app import Array, Message, MetricRecord
+
+    received = {"w": np.ones(3, np.float32), "n": np.array(4, np.int64)}
+    msg = make_message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in
+                                                          received.items()}),
+                                   "config": task_config(1, 8, 10, server_round=2)}))
+
+    def handler(m, ctx):  # a client that trained w from 1.0 to 1.5
+        return Message(RecordDict({"arrays": ArrayRecord({
+            "w": Array(np.full(3, 1.5, np.float32)), "n": Array(np.array(9, np.int64))}),
+            "metrics": MetricRecord({"num-examples": 5})}), reply_to=m)
+
+    def sent(faults, partition_id=1):
+        out = fault_mod(msg, make_context({"faults": faults}, partition_id=partition_id),
+                        handler)
+        return {k: a.numpy() for k, a in out.content["arrays"].items()}
+
+    scaled = sent("scale100:1@2")
+    np.testing.assert_allclose(scaled["w"], np.full(3, 51.0))  # 1 + 100 * 0.5
+    assert scaled["w"].dtype == np.float32 and int(scaled["n"]) == 9
+    assert np.isnan(sent("nan:1")["w"]).all() and int(sent("nan:1")["n"]) == 9
+    np.testing.assert_array_equal(sent("nan:0")["w"], np.full(3, 1.5))  # another client
+    np.testing.assert_array_equal(sent("nan:1@3")["w"], np.full(3, 1.5))  # another round
+    with pytest.raises(RuntimeError, match="client 1 raises in round 2"):
+        sent("raise:1@2")

@@ -7,8 +7,9 @@ from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from client import private
 from common.config import load_config
+from server.identity import TooFewClients
 from server.results import RunLog
-from server.strategy import TooFewClients, build_strategy
+from server.strategy import build_strategy
 from tests.conftest import make_context
 
 NPZ = {"dataset": "npz", "data-path": "/home/pi/data/mine.npz"}
@@ -111,7 +112,7 @@ def test_a_node_reporting_a_taken_key_is_left_out_until_the_key_is_free(
     assert grid.asked[-1] == [22]  # asked again, still a duplicate
     del grid.keys[11]  # the holder left: the key is free
     assert strat.ordered(grid).get_node_ids() == [22, 33]
-    assert strat.client_keys[22] == 5
+    assert strat.clients.keys[22] == 5
 
 
 def test_waiting_for_clients_is_bounded_by_round_timeout(tmp_path, server_process):

@@ -323,7 +323,7 @@ def _sampled(tmp_path, name: str, dp: str, rounds: int = 8) -> list[list[int]]:
                        "fraction-train": 0.5, "min-clients": 1, "seed": 3,
                        "output-dir": str(tmp_path), "run-name": name})
     strat = build_strategy(cfg, RunLog.create(cfg))
-    strat.client_keys = {n: n for n in range(10, 16)}  # identified already
+    strat.clients.keys = {n: n for n in range(10, 16)}  # identified already
     grid = _StaticGrid(list(range(10, 16)))
     return [sorted(m.metadata.dst_node_id for m in strat.configure_train(
         r, ArrayRecord(), ConfigRecord(), grid)) for r in range(1, rounds + 1)]

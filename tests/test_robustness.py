@@ -15,8 +15,9 @@ from client import private
 from common.config import ConfigError, load_config
 from common.models import TaskSpec
 from server.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from server.identity import TooFewClients
 from server.results import RunLog
-from server.strategy import TooFewClients, build_strategy
+from server.strategy import build_strategy
 from server.validate import template_of, validate_update
 from tests.conftest import make_context
 

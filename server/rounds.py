@@ -1,0 +1,47 @@
+"""The order of a round, written once: everything else the server does is a step here.
+
+Flower's ``Strategy.start`` runs the same exchange, but hides the order and leaves
+checkpointing to its evaluation callback; here each step is a line, and the round is
+closed and checkpointed after its evaluation, as its own steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from server.results import RunLog
+
+
+def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int, last: int,
+               train_config: ConfigRecord, evaluate_config: ConfigRecord, timeout: float,
+               run_log: RunLog, evaluate_central: Callable[[ArrayRecord], None],
+               checkpoint: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+    """Rounds ``first`` to ``last`` (absolute numbers: a resumed run goes on counting);
+    returns the last meme. ``strategy`` is the meme strategy or its DP wrapper."""
+    for rnd in range(first, last + 1):
+        log(INFO, "fedmutual: round %d of %d", rnd, last)
+        run_log.begin_round(rnd)
+        # 1. identify new nodes, sample by client key, send the meme (SecAgg+: sent in 3.)
+        messages = strategy.configure_train(rnd, meme, train_config, grid)
+        # 2. the sampled clients train their private model and the meme, reply the meme
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        # 3. validate, aggregate by the configured rule (SecAgg+'s sum; DP: clip, noise,
+        #    account), record the round's training numbers
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        meme = aggregated if aggregated is not None else meme
+        # 4. the sampled clients evaluate both models on their own test split
+        messages = strategy.configure_evaluate(rnd, meme, evaluate_config, grid)
+        strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout))
+        # 5. the meme on the central test set
+        evaluate_central(meme)
+        # 6. close the round: metrics.json, clients.json, TensorBoard
+        run_log.end_round()
+        # 7. checkpoint: a resumed run continues after this round
+        checkpoint(rnd, meme)
+    return meme
