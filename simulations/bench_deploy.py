@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common.flwr_local import ROOT, Deployment, save_benchmark, wait_for_rounds
+from common.flwr_deploy import Deployment, wait_for_rounds
+from common.flwr_local import ROOT, save_benchmark
 
 PROBE = """
 import time, sys

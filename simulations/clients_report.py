@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from simulations.runs import pyplot, save_figure
+
 Row = dict[str, Any]
 #: the accuracy a run is judged by: (algorithm, run) -> clients.json key
 PersonalKey = Callable[[str, dict[str, Any]], str]
@@ -122,11 +124,7 @@ def plot_gains(runs: dict[str, dict[str, list[dict[str, Any]]]],
     points = {k: v for k, v in points.items() if v}
     if not points:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.4))
     for label, pts in points.items():
         ax.scatter([n for n, _ in pts], [100 * g for _, g in pts], s=14, alpha=0.7, label=label)
@@ -137,7 +135,5 @@ def plot_gains(runs: dict[str, dict[str, list[dict[str, Any]]]],
     ax.set_title("Per-client gain over local-only training (final round)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True

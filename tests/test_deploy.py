@@ -14,7 +14,8 @@ import torch
 from client.private import read_state_file
 from common.config import load_config
 from common.data import load_client_data
-from common.flwr_local import Deployment, free_port, wait_for_rounds
+from common.flwr_deploy import Deployment, wait_for_rounds
+from common.flwr_local import free_port
 from common.models import TaskSpec, build_model
 from common.training import evaluate
 

@@ -10,7 +10,9 @@ import pytest
 from common.config import load_config
 from common.privacy import Release, epsilon_spent
 from simulations.grid import PRESETS, Job, load_preset, run_grid
-from simulations.report import load_runs, plot_privacy, privacy_table, table, write_report
+from simulations.privacy_report import plot_privacy, privacy_table
+from simulations.report import table, write_report
+from simulations.runs import load_runs
 
 
 def test_every_preset_is_a_valid_run_config_with_a_client_count():

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from simulations.clients_report import gain_summary, gains, summary
-from simulations.report import personal_key
+from simulations.runs import personal_key
 
 
 def rows(root: Path, preset: str, seed: int) -> list[str]:

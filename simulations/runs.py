@@ -1,0 +1,82 @@
+"""The grid's result folders as data, and the small helpers every report shares.
+
+``<root>/<preset>/<algorithm>-seed<seed>/{metrics,config,clients}.json``, finished runs only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+Runs = dict[str, dict[str, list[dict[str, Any]]]]
+
+RUN_DIR = re.compile(r"^(?P<algorithm>[a-z]+)-seed(?P<seed>\d+)$")
+ORDER = ["fml", "fedavg", "fedprox", "local"]
+# The client-side accuracy each algorithm is judged by: FML's and local's private model,
+# FedAvg's and FedProx's global model on each client's own test split.
+PERSONAL_KEY = {"fml": "local_accuracy", "local": "local_accuracy", "fedavg": "meme_accuracy",
+                "fedprox": "meme_accuracy"}
+
+
+def personal_key(algo: str, run: dict[str, Any]) -> str:
+    """The accuracy a run is judged by: with ``personal-mix``, FML's mixture of the two."""
+    if algo == "fml" and run.get("config", {}).get("personal-mix"):
+        return "mix_accuracy"
+    return PERSONAL_KEY.get(algo, "local_accuracy")
+
+
+def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """``{preset: {algorithm: [run, ...]}}``; each run has ``seed``, ``records``, ``config``."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for metrics in sorted(root.glob("*/*/metrics.json")):
+        m = RUN_DIR.match(metrics.parent.name)
+        if not m:
+            continue
+        records = json.loads(metrics.read_text())
+        config = json.loads((metrics.parent / "config.json").read_text())
+        if len(records) < int(config["num-server-rounds"]):
+            continue  # unfinished: the grid will resume it
+        clients = metrics.parent / "clients.json"
+        runs[metrics.parent.parent.name][m["algorithm"]].append(
+            {"seed": int(m["seed"]), "records": records, "config": config,
+             "clients": json.loads(clients.read_text()) if clients.exists() else []})
+    if not runs:
+        raise SystemExit(f"no finished runs under {root} (expected <preset>/<algo>-seed<N>/)")
+    return runs
+
+
+def mean_std(values: list[float]) -> str:
+    """Accuracies in %: the mean ± std over seeds (one seed: the value)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def series(records: list[dict[str, Any]], key: str) -> list[float]:
+    """A metric's values over the rounds that recorded it."""
+    return [r[key] for r in records if r.get(key) is not None]
+
+
+
+
+def pyplot():
+    """matplotlib's pyplot without a display (reports run on headless machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Write a figure at the reports' resolution and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
