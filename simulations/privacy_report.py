@@ -30,7 +30,12 @@ def _eps_text(eps: float) -> str:
 
 def privacy_runs(runs: Runs,
                  ) -> list[tuple[float, str, str, list[dict[str, Any]]]]:
-    """``(ε, preset, algorithm, runs)`` for the privacy/utility comparison, by falling ε."""
+    """``(ε, preset, algorithm, runs)`` for the privacy/utility comparison, by falling ε:
+    the uniform-averaging runs, where at least one run of the folder used DP (the others
+    are its ε = ∞ baseline); none otherwise."""
+    if not any(r["config"].get("dp-mode", "none") != "none"
+               for algos in runs.values() for rs in algos.values() for r in rs):
+        return []
     rows = []
     for preset, algos in runs.items():
         for algo, rs in algos.items():

@@ -108,6 +108,9 @@ def test_privacy_table_orders_runs_by_epsilon_and_plots(tmp_path):
     assert plot_privacy(runs, tmp_path / "p.png")
     assert mpimg.imread(tmp_path / "p.png").shape[2] in (3, 4)
     assert not privacy_table({"plain": runs["plain"]})
+    # uniform runs without any DP run beside them (the leaderboard presets) are no
+    # privacy comparison
+    assert not privacy_table({"p-inf": runs["p-inf"]})
 
 
 def test_per_client_statistics_against_hand_computed_values(tmp_path):
