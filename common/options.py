@@ -103,6 +103,16 @@ class DistillPrior(StrEnum):
     SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
 
 
+class Compression(StrEnum):
+    """How a client encodes its meme update (run-config ``compression``)."""
+
+    NONE = "none"  # the meme itself, float32
+    FP16 = "fp16"  # the update in half precision
+    INT8 = "int8"  # the update quantised to int8 with one scale per tensor
+    TOPK = "topk"  # the largest compression-ratio share of the update, with error feedback
+    SVD = "svd"  # each matrix update at the rank that keeps compression-energy (FedKD)
+
+
 @dataclass(frozen=True)
 class Distill:
     """The mutual-learning variant: every option is a run-config key (``distill-*``).
