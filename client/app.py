@@ -14,7 +14,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from client import private
-from client.mods import audit_mod, dp_clip_mod, fault_mod, secure_mod
+from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
@@ -98,7 +98,7 @@ def identify(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
-@app.train(mods=[secure_mod, legacy_mod, dp_clip_mod, fault_mod])
+@app.train(mods=[secure_mod, legacy_mod, compress_mod, dp_clip_mod, fault_mod])
 def train(msg: Message, context: Context) -> Message:
     """One local update: restore the private model, train it with the meme, reply the meme."""
     cfg = load_config(context.run_config)

@@ -7,6 +7,8 @@
 - :func:`secure_mod` (train): Flower's ``secaggplus_mod`` for the messages of the SecAgg+
   protocol; plain train messages pass through untouched.
 - :func:`client.secure.legacy_mod` (train): SecAgg+'s legacy records in and out.
+- :func:`compress_mod` (train): with run-config ``compression``, replaces the meme in the
+  reply by its encoded update (``common/compression.py``).
 - :func:`dp_clip_mod` (train): with ``dp-mode=client``, clips the meme update to the norm
   the server's DP wrapper sent, before it is masked or sent.
 - :func:`fault_mod` (train, innermost): the injected faults of run-config ``faults``
@@ -28,8 +30,10 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client import private
 from common.atomic import atomic_write
+from common.compression import encode
 from common.config import load_config
 from common.faults import apply_to_update
+from common.options import Compression
 from common.privacy import clip_update
 
 
@@ -133,4 +137,31 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     for fault in faults:
         sent = apply_to_update(fault, sent, received)
     reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in sent.items()})
+    return reply
+
+
+RESIDUAL = "compression-residual"  # context.state: what topk left out, fed into the next update
+
+
+def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Send the meme's update (meme - received) encoded as run-config ``compression`` says;
+    ``topk`` keeps what it leaves out in ``context.state`` and adds it to the next update
+    (error feedback), so nothing is lost, only delayed."""
+    cfg = load_config(context.run_config)
+    reply = call_next(msg, context)
+    if (cfg.compression is Compression.NONE or reply.has_error()
+            or not len(reply.content["arrays"])):
+        return reply
+    received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    update = {}
+    for k, a in reply.content["arrays"].items():
+        v = a.numpy()
+        update[k] = (v.astype(np.float32) - received[k].astype(np.float32)
+                     if v.dtype.kind == "f" else v - received[k])
+    stored = context.state.array_records.get(RESIDUAL)
+    residual = {k: a.numpy() for k, a in stored.items()} if stored is not None else None
+    payload, left = encode(update, cfg.codec, residual)
+    if cfg.compression is Compression.TOPK:
+        context.state[RESIDUAL] = ArrayRecord({k: Array(v) for k, v in left.items()})
+    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in payload.items()})
     return reply

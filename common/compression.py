@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 
-from common.options import Compression
+from common.options import Codec, Compression
+
+__all__ = ["Codec", "CompressionError", "decode", "encode", "max_payload_bytes",
+           "payload_bytes", "svd_rank", "topk_count"]
 
 State = dict[str, np.ndarray]
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
@@ -32,15 +34,6 @@ Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 class CompressionError(ValueError):
     """A payload that does not decode into the template (names the array and the part)."""
-
-
-@dataclass(frozen=True)
-class Codec:
-    """The run config's ``compression``, ``compression-ratio`` and ``compression-energy``."""
-
-    mode: Compression = Compression.NONE
-    ratio: float = 0.1
-    energy: float = 0.95
 
 
 def topk_count(size: int, ratio: float) -> int:
@@ -61,6 +54,12 @@ def _encode_array(key: str, x: np.ndarray, codec: Codec) -> tuple[State, np.ndar
     """The parts of one float update, and what they leave out (for error feedback)."""
     x = np.asarray(x, np.float32)
     mode = codec.mode
+    if not np.isfinite(x).all():  # a broken update must stay visibly broken after decoding
+        if mode is Compression.INT8:
+            return ({f"{key}|q": np.zeros(x.shape, np.int8),
+                     f"{key}|scale": np.array([np.nan], np.float32)}, np.zeros_like(x))
+        if mode is Compression.SVD:
+            return {f"{key}|full": x.copy()}, np.zeros_like(x)
     if mode is Compression.FP16:
         part = x.astype(np.float16)
         return {f"{key}|fp16": part}, x - part.astype(np.float32)

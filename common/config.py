@@ -19,6 +19,8 @@ from common.faults import Fault, parse_faults
 from common.options import (
     Aggregation,
     Algorithm,
+    Codec,
+    Compression,
     Distill,
     DistillGate,
     DistillPrior,
@@ -82,6 +84,9 @@ class Config:
     device: str
     state_dir: str
     reset_private: bool
+    compression: Compression
+    compression_ratio: float
+    compression_energy: float
     resume_from: str
     faults: str
     dp_mode: DpMode
@@ -114,6 +119,11 @@ class Config:
         """The mutual-learning variant (the ``distill-*`` keys) for the loss."""
         return Distill(self.distill_weighting, self.distill_gate, self.distill_gate_threshold,
                        self.distill_prior)
+
+    @property
+    def codec(self) -> Codec:
+        """How the meme update is encoded on the way up (the ``compression*`` keys)."""
+        return Codec(self.compression, self.compression_ratio, self.compression_energy)
 
     @property
     def npz_mean_values(self) -> tuple[float, ...]:
@@ -182,7 +192,28 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
                           f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "
                           "expected algorithm 'fml'")
     _check_privacy(cfg)
+    _check_compression(cfg)
     return cfg
+
+
+def _check_compression(cfg: Config) -> None:
+    """Compression encodes the meme's update: it needs a meme, and a server that sees it."""
+    mode = cfg.compression.value
+    if cfg.compression is Compression.NONE:
+        return
+    if not cfg.algorithm.trains_meme:
+        raise ConfigError(f"run-config key 'compression' = {mode!r} encodes the meme, but "
+                          "algorithm 'local' sends none: expected 'none'")
+    if cfg.secure_aggregation:
+        raise ConfigError(f"run-config keys 'compression' = {mode!r} and "
+                          "'secure-aggregation' = true cannot be combined: SecAgg+ sums masked "
+                          "float vectors, which encoded updates are not; expected "
+                          "compression 'none'")
+    if cfg.dp_mode is DpMode.CLIENT:
+        raise ConfigError(f"run-config keys 'compression' = {mode!r} and 'dp-mode' = "
+                          "'client' cannot be combined: encoding changes the clipped "
+                          "update's norm, which the server must see bounded; use dp-mode "
+                          "'server' or compression 'none'")
 
 
 def _check_privacy(cfg: Config) -> None:

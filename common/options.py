@@ -114,6 +114,16 @@ class Compression(StrEnum):
 
 
 @dataclass(frozen=True)
+class Codec:
+    """The run config's ``compression``, ``compression-ratio`` and ``compression-energy``
+    (``common/compression.py`` does the encoding)."""
+
+    mode: Compression = Compression.NONE
+    ratio: float = 0.1
+    energy: float = 0.95
+
+
+@dataclass(frozen=True)
 class Distill:
     """The mutual-learning variant: every option is a run-config key (``distill-*``).
 

@@ -20,6 +20,7 @@ from common.options import (
     MODEL_NAMES,
     Aggregation,
     Algorithm,
+    Compression,
     DistillGate,
     DistillPrior,
     DistillWeighting,
@@ -234,6 +235,15 @@ SCHEMA: tuple[Key, ...] = (
         "between rounds and restarts; empty: in memory for the run; a node's "
         "`--node-config state-dir=…` wins", resumable=True),
     Key("reset-private", bool, False, DEP, "ignore saved private models and start fresh"),
+    Key("compression", Compression, Compression.NONE, DEP,
+        "what a client sends up: `none` (the meme, float32), or its update (meme - "
+        "received) as `fp16`, `int8` (one scale per tensor), `topk` (the largest "
+        "`compression-ratio` share, the rest fed back into the next update) or `svd` (each "
+        "matrix at the rank keeping `compression-energy`, FedKD); the server decodes first"),
+    Key("compression-ratio", float, 0.1, DEP, "`topk`: share of each array's entries sent",
+        _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("compression-energy", float, 0.95, DEP, "`svd`: share of the squared singular values "
+        "kept", _in(0, 1, lo_open=True), "a number in (0, 1]"),
     Key("faults", str, "", DEP, "inject faults (robustness experiments): `raise:P[@R]`, "
         "`nan:P[@R]`, `scaleK:P[@R]` (a poisoning client), `slowS:P[@R]` (a straggler), "
         "P the partition id, R a round (default every round)", _faults,

@@ -27,7 +27,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from common.compression import CompressionError, decode, max_payload_bytes, payload_bytes
 from common.config import Aggregation, Config
+from common.options import Compression
 from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate
@@ -131,18 +133,48 @@ class MemeStrategy(FedAvg):
             raise TooFewClients(f"only {answered} client(s) answered this round, fewer than "
                                 f"min-clients={self.cfg.min_clients}")
         cap = self.max_weight()
-        accepted, rejected = [], 0
+        accepted, rejected, uploaded = [], 0, 0
         for m in (m for m in replies if not m.has_error()):
-            reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
+            sent = record_bytes(next(iter(m.content.array_records.values()), ArrayRecord()))
+            reason = self._decode(m)
+            if reason is None:
+                reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
             if reason is None:
                 accepted.append(m)
+                uploaded += sent
             else:
                 rejected += 1
                 log(WARNING, "rejected the update of node %d (client %s): %s",
                     m.metadata.src_node_id, self.clients.keys.get(m.metadata.src_node_id),
                     reason)
         self.run_log.set(rejected_updates=rejected, failed_clients=len(failed) + silent)
+        self.run_log.add("bytes_up", uploaded)
         return accepted
+
+    def _decode(self, m: Message) -> str | None:
+        """With ``compression``: replace the reply's encoded update by the meme it makes
+        (received + update), for validation to check like any meme; why not, or None."""
+        codec = self.cfg.codec
+        if codec.mode is Compression.NONE or len(m.content.array_records) != 1:
+            return None
+        payload = {k: a.numpy() for k, a in next(iter(m.content.array_records.values())).items()}
+        limit = max_payload_bytes(self.template, codec)
+        if payload_bytes(payload) > limit:
+            return (f"encoded update of {payload_bytes(payload)} bytes exceeds the {limit} "
+                    f"that compression '{codec.mode.value}' can need")
+        try:
+            update = decode(payload, self.template, codec)
+        except CompressionError as exc:
+            return f"encoded update does not decode: {exc}"
+        meme = {}
+        for k, a in self.current_arrays.items():
+            ref = a.numpy()
+            meme[k] = Array(np.asarray(
+                (ref.astype(np.float64) + update[k]).astype(ref.dtype) if ref.dtype.kind == "f"
+                else ref + update[k]))
+        metrics = next(iter(m.content.metric_records.values()), MetricRecord())
+        m.content = RecordDict({"arrays": ArrayRecord(meme), "metrics": metrics})
+        return None
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> Collected:
         """The round's accepted memes (validated, in key order), or SecAgg+'s mean."""
@@ -166,10 +198,6 @@ class MemeStrategy(FedAvg):
             log(WARNING, "no valid update this round: the meme stays as it was")
             self.run_log.set(skipped=True)
             return None, None
-        if not self.cfg.secure_aggregation:  # SecAgg+ counted its (masked) uploads
-            self.run_log.add("bytes_up", sum(
-                record_bytes(next(iter(c.array_records.values()), ArrayRecord()))
-                for c in collected.contents))
         self.run_log.set(num_clients=len(collected.contents))
         metrics = self.train_metrics_aggr_fn(collected.contents, self.weighted_by_key)
         if metrics is not None:

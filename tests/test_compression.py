@@ -119,3 +119,94 @@ def test_topk_indices_out_of_range_or_repeated_are_refused():
         payload = {"w|idx": np.array(idx, np.int32), "w|val": np.ones(2, np.float32)}
         with pytest.raises(CompressionError, match="out of range or repeated"):
             decode(payload, tmpl, codec)
+
+
+# ---------------------------------------------------------------- on the wire
+def _int8_reply(node, received, trained, weight=10):
+    """A client's reply as compress_mod sends it: the int8-encoded update."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from tests.test_robustness import _meta
+
+    update = {k: trained[k] - received[k] for k in received}
+    payload, _ = encode(update, Codec(Compression.INT8))
+    return Message(content=RecordDict({
+        "arrays": ArrayRecord({k: Array(v) for k, v in payload.items()}),
+        "metrics": MetricRecord({"num-examples": weight})}), metadata=_meta(node))
+
+
+def test_server_decodes_before_validating_and_counts_the_encoded_bytes(tmp_path, caplog):
+    from flwr.app import Array, ArrayRecord
+
+    from common.config import load_config
+    from server.results import RunLog
+    from server.strategy import build_strategy
+    from server.validate import template_of
+
+    received = {"w": np.zeros((2, 3), np.float32), "n": np.array(4, np.int64)}
+    cfg = load_config({"algorithm": "fedavg", "compression": "int8", "max-client-weight": 100,
+                       "output-dir": str(tmp_path), "run-name": "r"})
+    log = RunLog.create(cfg)
+    strat = build_strategy(cfg, log)
+    strat.current_arrays = ArrayRecord({k: Array(v) for k, v in received.items()})
+    strat.template = template_of(strat.current_arrays)
+    log.begin_round(1)
+    # updates +1.27 and +2.54 everywhere: exact in int8 (q = 127, scale 0.01 and 0.02)
+    one = {"w": np.full((2, 3), 1.27, np.float32), "n": np.array(5, np.int64)}
+    two = {"w": np.full((2, 3), 2.54, np.float32), "n": np.array(6, np.int64)}
+    broken = _int8_reply(3, received, one)
+    del broken.content["arrays"]["w|scale"]
+    replies = [_int8_reply(1, received, one, 10), _int8_reply(2, received, two, 30), broken]
+    # what the two valid clients sent, measured before the server decodes them
+    encoded = sum(r.content["arrays"].count_bytes() for r in replies[:2])
+    agg, _ = strat.aggregate_train(1, replies)
+    # (10 * 1.27 + 30 * 2.54) / 40 = 2.2225; counters: (10 * 5 + 30 * 6) / 40 = 5.75 -> 6
+    np.testing.assert_allclose(agg["w"].numpy(), np.full((2, 3), 2.2225), rtol=1e-6)
+    assert agg["w"].numpy().dtype == np.float32 and int(agg["n"].numpy()) == 6
+    log.end_round()
+    rec = log.records[-1]
+    assert rec["rejected_updates"] == 1 and "does not decode" in caplog.text
+    assert rec["bytes_up"] == encoded  # the encoded payloads, not the decoded memes
+
+
+def test_compress_mod_sends_the_encoded_update_and_keeps_the_residual():
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from client.mods import RESIDUAL, compress_mod
+    from tests.conftest import make_context, make_message, task_config
+
+    received = {"w": np.array([1.0, 1.0, 1.0, 1.0], np.float32)}
+    msg = make_message(RecordDict({"arrays": ArrayRecord({"w": Array(received["w"])}),
+                                   "config": task_config(1, 8, 10)}))
+    trained = [np.array([1.1, -2.0, 3.0, 1.5], np.float32),  # update .1, -3, 2, .5
+               np.array([1.2, 1.0, 1.0, 1.1], np.float32)]  # update .2, 0, 0, .1
+
+    def handler(m, ctx, w):
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w)}),
+                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=m)
+
+    ctx = make_context({"compression": "topk", "compression-ratio": 0.5})
+    sent = [compress_mod(msg, ctx, lambda m, c, w=w: handler(m, c, w)).content["arrays"]
+            for w in trained]
+    assert sent[0]["w|idx"].numpy().tolist() == [1, 2]
+    np.testing.assert_allclose(sent[0]["w|val"].numpy(), [-3.0, 2.0], rtol=1e-6)
+    # round 2 sends .2 + .1 and .1 + .5: the residual was kept in the node's state
+    assert sent[1]["w|idx"].numpy().tolist() == [0, 3]
+    np.testing.assert_allclose(sent[1]["w|val"].numpy(), [0.3, 0.6], rtol=1e-5)
+    assert RESIDUAL in ctx.state.array_records
+    plain = compress_mod(msg, make_context({}), lambda m, c: handler(m, c, trained[0]))
+    assert list(plain.content["arrays"].keys()) == ["w"]  # compression none: the meme
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"compression": "topk", "secure-aggregation": True}, "'secure-aggregation'"),
+    ({"compression": "int8", "dp-mode": "client", "aggregation": "uniform"}, "'dp-mode'"),
+    ({"compression": "svd", "algorithm": "local"}, "sends none"),
+    ({"compression-ratio": 0.0}, r"\(0, 1\]"),
+])
+def test_combinations_that_cannot_work_are_refused(overrides, needle):
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_config(overrides)
+    assert "'compression" in str(err.value)
