@@ -61,10 +61,16 @@ def partition_indices(
             class_assignment_mode="first-deterministic", seed=seed,
         )
     part.dataset = Dataset.from_dict({"idx": idx, "label": labels[idx]})
-    return [
-        np.sort(np.asarray(part.load_partition(p)["idx"], dtype=np.int64))
-        for p in range(num_partitions)
-    ]
+    try:
+        return [np.sort(np.asarray(part.load_partition(p)["idx"], dtype=np.int64))
+                for p in range(num_partitions)]
+    except ValueError as exc:  # flwr-datasets: "... update the values of alpha ..." and kin
+        raise ValueError(
+            f"{partitioner.value} partitioning of {len(labels)} samples into {num_partitions} "
+            f"partitions cannot be satisfied ({exc}); change run-config 'partitioner', "
+            f"'dirichlet-alpha' (now {dirichlet_alpha}) or 'classes-per-client' (now "
+            f"{classes_per_client}), or use fewer clients (num-supernodes, num-partitions)"
+        ) from None
 
 
 def train_test_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,6 +44,7 @@ class ClientRegistry:
         self.info: dict[int, MetricRecord] = {}  # node id -> its identify reply
         self._unidentified: set[int] = set()  # silent at identification: asked again
         self._duplicates: set[int] = set()  # reported a key another node has: left out
+        self.errors: dict[int, str] = {}  # node -> why its last identify reply failed
 
     def key_of(self, node: int) -> int:
         """The node's client key (``UNKNOWN_KEY`` if it never identified)."""
@@ -78,7 +79,9 @@ class ClientRegistry:
             self._unidentified.discard(node)
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
+                self.errors[node] = reply.error.reason
                 continue
+            self.errors.pop(node, None)
             metrics = reply.content["metrics"]
             key = int(metrics["client-key"])
             holder = holders.get(key)
@@ -131,7 +134,14 @@ class ClientRegistry:
         while True:
             self._wait_for_clients(grid, deadline)
             self.identify(grid, timeout=max(1.0, deadline - time.monotonic()))
-            ids = [n for n in grid.get_node_ids() if n in self.keys]
+            live = list(grid.get_node_ids())
+            if live and all(n in self.errors for n in live):
+                node = live[0]
+                raise TooFewClients(
+                    f"every connected client failed to identify itself, so none can train "
+                    f"(node {node}: {self.errors[node]}); fix what the message names, then "
+                    "start the run again")
+            ids = [n for n in live if n in self.keys]
             if len(ids) >= self.cfg.min_clients:
                 return OrderedGrid(grid, sorted(ids, key=lambda n: (self.keys[n], n)))
             if time.monotonic() >= deadline:

@@ -133,3 +133,26 @@ def test_nodes_lost_during_identification_never_reach_flowers_endless_sampler(
     with pytest.raises(TooFewClients, match=r"only 2 (identified )?client"):
         strat.ordered(grid)
     assert time.monotonic() - start < 10
+
+
+class _FailingGrid(_Grid):
+    """Every node answers the identify query with an error (e.g. its data cannot load)."""
+
+    def send_and_receive(self, msgs, timeout):
+        from flwr.app import Error
+
+        replies = super().send_and_receive(msgs, timeout)
+        out = []
+        for r in replies:
+            out.append(Message(error=Error(code=0, reason="ValueError: update the values "
+                                           "of alpha"), metadata=r.metadata))
+        return out
+
+
+def test_when_every_client_fails_to_identify_the_run_stops_at_once_with_the_reason(
+        tmp_path, server_process):
+    strat = _strategy(tmp_path, **{"min-clients": 2, "round-timeout": 600.0})
+    start = time.monotonic()
+    with pytest.raises(TooFewClients, match="every connected client failed.*values of alpha"):
+        strat.ordered(_FailingGrid({11: 0, 22: 1}))
+    assert time.monotonic() - start < 10  # not after round-timeout (600 s)

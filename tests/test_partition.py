@@ -44,3 +44,9 @@ def test_train_test_split():
     assert len(te) == 25 and len(tr) == 75 and not set(tr) & set(te)
     tr2, te2 = train_test_split(100, 0.25, seed=1)
     assert np.array_equal(te, te2)
+
+
+def test_an_unsatisfiable_dirichlet_split_names_the_keys_to_change():
+    labels = np.repeat(np.arange(10), 30)  # 300 samples, 10 classes
+    with pytest.raises(ValueError, match=r"'dirichlet-alpha' \(now 0.01\).*num-supernodes"):
+        partition_indices(labels, 200, Partitioner.DIRICHLET, seed=0, dirichlet_alpha=0.01)
