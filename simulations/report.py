@@ -85,7 +85,8 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
             arr = 100 * np.array([c[:n] for c in curves])
             x = np.arange(1, n + 1)
             what = {"local_accuracy": "private model", "mix_accuracy": "mixture"}
-            label = f"{algo} ({what.get(k, 'global model')})"
+            shared = "meme" if algo.startswith("fml") else "global model"
+            label = f"{algo} ({what.get(k, shared)})"
             ax.plot(x, arr.mean(0), marker="o", ms=3, label=label)
             if len(arr) > 1:
                 ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.2)
