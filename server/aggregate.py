@@ -10,7 +10,7 @@ robust rules are Flower's (FedMedian's median, FedTrimmedAvg's ``trim_mean``, Kr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
@@ -22,14 +22,18 @@ from common.options import Aggregation
 State = dict[str, np.ndarray]
 
 
-def _as_dtypes(values: dict[str, np.ndarray], like: State) -> State:
-    """Each array in ``like``'s dtype; integer ones rounded, not truncated."""
+def as_dtypes(values: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]) -> State:
+    """Each array in its key's dtype; integer ones rounded, not truncated."""
     out = {}
     for k, v in values.items():
-        dtype = like[k].dtype
+        dtype = np.dtype(dtypes[k])
         v = np.asarray(v)
         out[k] = np.asarray(np.rint(v) if np.issubdtype(dtype, np.integer) else v).astype(dtype)
     return out
+
+
+def _dtypes(state: State) -> dict[str, np.dtype]:
+    return {k: v.dtype for k, v in state.items()}
 
 
 def _check(states: Sequence[State]) -> None:
@@ -52,7 +56,7 @@ def weighted(states: Sequence[State], weights: Sequence[float]) -> State:
         for state, wi in zip(states, w, strict=True):
             acc += wi * state[key].astype(np.float64)
         out[key] = acc
-    return _as_dtypes(out, states[0])
+    return as_dtypes(out, _dtypes(states[0]))
 
 
 def uniform(states: Sequence[State]) -> State:
@@ -63,15 +67,15 @@ def uniform(states: Sequence[State]) -> State:
 def median(states: Sequence[State]) -> State:
     """Coordinate-wise median (Flower's FedMedian)."""
     _check(states)
-    return _as_dtypes({k: np.median(np.stack([s[k] for s in states]), axis=0)
-                       for k in states[0]}, states[0])
+    return as_dtypes({k: np.median(np.stack([s[k] for s in states]), axis=0)
+                       for k in states[0]}, _dtypes(states[0]))
 
 
 def trimmed_mean(states: Sequence[State], beta: float) -> State:
     """Coordinate-wise mean after cutting the ``beta`` share on each side (FedTrimmedAvg)."""
     _check(states)
-    return _as_dtypes({k: trim_mean(np.stack([s[k] for s in states]), beta)
-                       for k in states[0]}, states[0])
+    return as_dtypes({k: trim_mean(np.stack([s[k] for s in states]), beta)
+                       for k in states[0]}, _dtypes(states[0]))
 
 
 def krum_select(states: Sequence[State], num_malicious: int, num_select: int) -> list[int]:

@@ -32,7 +32,7 @@ from common.config import Aggregation, Config
 from common.options import Compression
 from common.records import record_bytes
 from common.runtime import derive_seed
-from server.aggregate import State, aggregate
+from server.aggregate import State, aggregate, as_dtypes
 from server.identity import ClientRegistry, OrderedGrid, TooFewClients
 from server.results import RunLog
 from server.secure import SecureAggregationFailed, secure_mean
@@ -133,10 +133,15 @@ class MemeStrategy(FedAvg):
             raise TooFewClients(f"only {answered} client(s) answered this round, fewer than "
                                 f"min-clients={self.cfg.min_clients}")
         cap = self.max_weight()
+        codec = self.cfg.codec
+        reference = ({k: a.numpy() for k, a in self.current_arrays.items()}
+                     if codec.mode is not Compression.NONE else {})
+        limit = (max_payload_bytes(self.template, codec)
+                 if codec.mode is not Compression.NONE else 0)
         accepted, rejected, uploaded = [], 0, 0
         for m in (m for m in replies if not m.has_error()):
             sent = record_bytes(next(iter(m.content.array_records.values()), ArrayRecord()))
-            reason = self._decode(m)
+            reason = self._decode(m, reference, limit)
             if reason is None:
                 reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
             if reason is None:
@@ -151,24 +156,24 @@ class MemeStrategy(FedAvg):
         self.run_log.add("bytes_up", uploaded)
         return accepted
 
-    def _decode(self, m: Message) -> str | None:
+    def _decode(self, m: Message, reference: State, limit: int) -> str | None:
         """With ``compression``: replace the reply's encoded update by the meme it makes
-        (received + update), for validation to check like any meme; why not, or None."""
+        (``reference``, the meme sent, + update), for validation to check like any meme;
+        why not, or None. ``limit``: the largest payload the mode can need."""
         codec = self.cfg.codec
         if codec.mode is Compression.NONE or len(m.content.array_records) != 1:
             return None
         payload = {k: a.numpy() for k, a in next(iter(m.content.array_records.values())).items()}
-        limit = max_payload_bytes(self.template, codec)
-        if payload_bytes(payload) > limit:
-            return (f"encoded update of {payload_bytes(payload)} bytes exceeds the {limit} "
+        size = payload_bytes(payload)
+        if size > limit:
+            return (f"encoded update of {size} bytes exceeds the {limit} "
                     f"that compression '{codec.mode.value}' can need")
         try:
             update = decode(payload, self.template, codec)
         except CompressionError as exc:
             return f"encoded update does not decode: {exc}"
         meme = {}
-        for k, a in self.current_arrays.items():
-            ref = a.numpy()
+        for k, ref in reference.items():
             meme[k] = Array(np.asarray(
                 (ref.astype(np.float64) + update[k]).astype(ref.dtype) if ref.dtype.kind == "f"
                 else ref + update[k]))
@@ -205,11 +210,9 @@ class MemeStrategy(FedAvg):
                              train_loss_meme=metrics.get("train-loss-meme"))
         if meme is None:
             return None, metrics
-        arrays = {}
-        for k, (_, dtype) in self.template.items():
-            v = np.asarray(meme[k])
-            arrays[k] = Array(np.asarray(np.rint(v) if dtype.kind in "iu" else v).astype(dtype))
-        return ArrayRecord(arrays), metrics
+        cast = as_dtypes({k: meme[k] for k in self.template},
+                         {k: dtype for k, (_, dtype) in self.template.items()})
+        return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
