@@ -123,7 +123,7 @@ def train(msg: Message, context: Context) -> Message:
         priv.mix = stats.mix if stats.mix is not None else priv.mix
         priv.node_round += 1
         priv.server_round, priv.lineage = server_round, lineage
-        private.store(context, priv, node)
+        private.store(context, cfg, priv, node)
     arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(_train_metrics(stats))}),
                    reply_to=msg)

@@ -73,10 +73,10 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         for name, record in reply.content.array_records.items():
             for k, a in record.items():
                 arrays[f"reply/{name}/{k}"] = a.numpy()
-    stored = private.stored_model(context)
+    stored = private.stored_model(context, cfg, node)
     if stored is not None:
         for k, a in stored.items():
-            arrays[f"private/{k}"] = a.numpy()
+            arrays[f"private/{k}"] = a
     meta = {"message_type": msg.metadata.message_type, "error": reply.has_error(),
             "records": {} if reply.has_error() else _record_summary(reply)}
     atomic_write(folder / f"{stem}.npz", lambda f: np.savez(f, **arrays))
@@ -140,12 +140,12 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     return reply
 
 
-RESIDUAL = "compression-residual"  # context.state: what topk left out, fed into the next update
+RESIDUAL = "compression-residual"  # what topk left out, fed into the next update
 
 
 def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Send the meme's update (meme - received) encoded as run-config ``compression`` says;
-    ``topk`` keeps what it leaves out in ``context.state`` and adds it to the next update
+    ``topk`` keeps what it leaves out beside the private model and adds it to the next update
     (error feedback), so nothing is lost, only delayed."""
     cfg = load_config(context.run_config)
     reply = call_next(msg, context)
@@ -158,10 +158,11 @@ def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
         v = a.numpy()
         update[k] = (v.astype(np.float32) - received[k].astype(np.float32)
                      if v.dtype.kind == "f" else v - received[k])
-    stored = context.state.array_records.get(RESIDUAL)
-    residual = {k: a.numpy() for k, a in stored.items()} if stored is not None else None
+    node = private.node_info(cfg, context)
+    lineage = str(msg.content["config"].get("lineage", ""))
+    residual = private.kept_arrays(context, cfg, node, RESIDUAL, lineage)
     payload, left = encode(update, cfg.codec, residual)
     if cfg.compression is Compression.TOPK:
-        context.state[RESIDUAL] = ArrayRecord({k: Array(v) for k, v in left.items()})
+        private.keep_arrays(context, cfg, node, RESIDUAL, left, lineage)
     reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in payload.items()})
     return reply

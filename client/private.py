@@ -6,7 +6,12 @@ round counters are also written after every training round, atomically, to
 ``<state-dir>/private-<client key>.pt``; the previous version is kept beside it as
 ``.prev.pt``. A restarted node, a new run of the same federation, or a resumed server run
 continues from there. A file that is corrupt or from another architecture is refused with
-an error naming it; only ``reset-private=true`` starts afresh.
+an error naming it; only ``reset-private=true`` starts afresh (it ignores what was saved
+before this run, not what this run saved).
+
+With ``private-store="disk"`` the file is the only copy: nothing of the private model stays
+in ``context.state``, which a simulation keeps in memory for every node it has ever run, so
+a simulation's memory grows with the clients of a round instead of the population.
 """
 
 from __future__ import annotations
@@ -15,16 +20,25 @@ import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context
 from torch import nn
 
-from common.atomic import atomic_write
+from client.state_file import (
+    FILE_FORMAT,
+    PrivateStateError,
+    cpu,
+    load_arrays,
+    pick_saved,
+    read_state_file,
+    save_arrays,
+    write_atomic,
+)
 from common.config import Config
 from common.models import TaskSpec, build_model
-from common.options import MODEL_NAMES
+from common.options import MODEL_NAMES, PrivateStore
 from common.records import load_into, optimizer_from_records, optimizer_to_records, to_record
 from common.runtime import derive_seed
 from common.training import make_optimizer
@@ -33,11 +47,6 @@ _MODEL, _OPTIM, _OPTIM_SCALARS, _META = (
     "private-model", "private-optimizer", "private-optimizer-scalars", "private-meta",
 )
 _NODE_KEY = "node-key"  # the file in the state folder, and the record in context.state
-FILE_FORMAT = 1
-
-
-class PrivateStateError(RuntimeError):
-    """A saved private model cannot be used as it is (corrupt, another model, out of step)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,11 @@ def node_info(cfg: Config, context: Context) -> NodeInfo:
         raise ValueError(f"node-config key 'local-model' = {local_model!r} is invalid: "
                          f"expected one of {', '.join(MODEL_NAMES)}")
     state_dir = str(nc.get("state-dir", "")) or cfg.state_dir
+    if cfg.private_store is PrivateStore.DISK and not state_dir:
+        raise PrivateStateError("run-config key 'private-store' = 'disk' keeps the private "
+                                "models in 'state-dir', which is empty: expected a folder "
+                                "every client can write (run config, or the node's "
+                                "--node-config state-dir)")
     return NodeInfo(pid, int(nc.get("num-partitions", 1)), local_model,
                     str(nc.get("data-path", "")) or cfg.data_path, state_dir,
                     client_key(context, pid, state_dir))
@@ -151,7 +165,7 @@ def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
     torch.manual_seed(derive_seed(cfg.seed, "private-init", node.client_key))
     model = build_model(node.local_model, spec).to(device)
     priv = PrivateModel(model, make_optimizer(model, cfg), node.local_model)
-    if _MODEL in context.state:
+    if cfg.private_store is PrivateStore.MEMORY and _MODEL in context.state:
         meta = context.state.config_records[_META]
         if meta["arch"] != node.local_model:
             raise PrivateStateError(f"the private model in this node's state is a "
@@ -165,87 +179,62 @@ def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
         priv.mix = float(meta.get("mix", 0.5))
         return priv
     path = node.state_file
-    if path is not None and not cfg.reset_private:
-        saved = _pick_saved(path, lineage, max_round)
+    if path is not None and (lineage or not cfg.reset_private):
+        saved = pick_saved(path, lineage, max_round, this_run_only=cfg.reset_private)
         if saved is not None:
             _load_saved(priv, saved, path)
     return priv
 
 
-def store(context: Context, priv: PrivateModel, node: NodeInfo) -> None:
-    """Keep the trained private model for the next round, and on disk if configured."""
-    arrays, scalars = optimizer_to_records(priv.optimizer)
-    context.state[_MODEL] = to_record(priv.model.state_dict())
-    context.state[_OPTIM] = arrays
-    context.state[_OPTIM_SCALARS] = scalars
-    context.state[_META] = ConfigRecord({
-        "arch": priv.arch, "node-round": priv.node_round, "server-round": priv.server_round,
-        "lineage": priv.lineage, "mix": priv.mix})
+def store(context: Context, cfg: Config, priv: PrivateModel, node: NodeInfo) -> None:
+    """Keep the trained private model for the next round: in the node's state unless
+    ``private-store`` is ``disk``, and on disk when a state folder is set."""
+    if cfg.private_store is PrivateStore.MEMORY:
+        arrays, scalars = optimizer_to_records(priv.optimizer)
+        context.state[_MODEL] = to_record(priv.model.state_dict())
+        context.state[_OPTIM] = arrays
+        context.state[_OPTIM_SCALARS] = scalars
+        context.state[_META] = ConfigRecord({
+            "arch": priv.arch, "node-round": priv.node_round,
+            "server-round": priv.server_round, "lineage": priv.lineage, "mix": priv.mix})
     if node.state_file is not None:
-        _write_atomic(node.state_file, {
+        write_atomic(node.state_file, {
             "format": FILE_FORMAT, "arch": priv.arch, "node_round": priv.node_round,
             "server_round": priv.server_round, "lineage": priv.lineage, "mix": priv.mix,
             "model": {k: v.detach().cpu() for k, v in priv.model.state_dict().items()},
-            "optimizer": _cpu(priv.optimizer.state_dict())})
+            "optimizer": cpu(priv.optimizer.state_dict())})
 
 
-def stored_model(context: Context) -> ArrayRecord | None:
-    """The private weights kept in the node state (tests and audits), or None."""
-    return context.state.array_records.get(_MODEL)
+def stored_model(context: Context, cfg: Config, node: NodeInfo) -> dict[str, np.ndarray] | None:
+    """The private weights this node keeps (tests and audits), or None before training."""
+    if cfg.private_store is PrivateStore.MEMORY:
+        record = context.state.array_records.get(_MODEL)
+        return {k: a.numpy() for k, a in record.items()} if record is not None else None
+    path = node.state_file
+    if path is None or not path.exists():
+        return None
+    return {k: v.numpy() for k, v in read_state_file(path)["model"].items()}
 
 
-def _cpu(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
+def keep_arrays(context: Context, cfg: Config, node: NodeInfo, name: str,
+                arrays: dict[str, np.ndarray], lineage: str) -> None:
+    """Other per-node arrays the next round needs (top-k's residual), kept where the
+    private model is: in the node's state, or beside the state file with ``disk``."""
+    if cfg.private_store is PrivateStore.DISK:
+        save_arrays(Path(node.state_dir).expanduser().resolve()
+                    / f"{name}-{node.client_key}.npz", arrays, lineage)
+    else:
+        context.state[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
 
-def _prev(path: Path) -> Path:
-    return path.with_suffix(".prev.pt")
-
-
-def _write_atomic(path: Path, payload: dict) -> None:
-    """The new version replaces the file; the one it replaces becomes ``.prev.pt``."""
-    atomic_write(path, lambda f: torch.save(payload, f), keep_previous=_prev(path))
-
-
-def read_state_file(path: Path) -> dict:
-    """Load and check one state file (``weights_only=True``); errors name the file."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-        raise PrivateStateError(f"private state file {path} is corrupt or truncated "
-                                f"({type(exc).__name__}: {exc}); fix or move it, or set "
-                                "reset-private=true to start a fresh private model") from None
-    need = {"format", "arch", "node_round", "server_round", "lineage", "model", "optimizer"}
-    if not isinstance(saved, dict) or not need <= set(saved):
-        raise PrivateStateError(f"private state file {path} is not a fedmutual state file "
-                                f"(expected keys {sorted(need)})")
-    if saved["format"] != FILE_FORMAT:
-        raise PrivateStateError(f"private state file {path} has format {saved['format']}, "
-                                f"this version reads {FILE_FORMAT}")
-    return saved
-
-
-def _pick_saved(path: Path, lineage: str, max_round: int | None) -> dict | None:
-    """The newest saved version that the caller may see (see :func:`restore`)."""
-    candidates = [p for p in (path, _prev(path)) if p.exists()]
-    for p in candidates:
-        saved = read_state_file(p)
-        ahead = (lineage and saved["lineage"] == lineage and max_round is not None
-                 and saved["server_round"] > max_round)
-        if not ahead:
-            return saved
-    if candidates:
-        raise PrivateStateError(
-            f"private state file {path} was trained in round {saved['server_round']} of run "
-            f"'{lineage}', later than round {max_round} that the server is now at, and no "
-            f"older version is kept; set reset-private=true to start afresh")
-    return None
+def kept_arrays(context: Context, cfg: Config, node: NodeInfo, name: str,
+                lineage: str) -> dict[str, np.ndarray] | None:
+    """What :func:`keep_arrays` kept in this run, or None."""
+    if cfg.private_store is PrivateStore.DISK:
+        return load_arrays(Path(node.state_dir).expanduser().resolve()
+                           / f"{name}-{node.client_key}.npz", lineage)
+    record = context.state.array_records.get(name)
+    return {k: a.numpy() for k, a in record.items()} if record is not None else None
 
 
 def _load_saved(priv: PrivateModel, saved: dict, path: Path) -> None:

@@ -27,6 +27,7 @@ from common.options import (
     DistillWeighting,
     DpMode,
     Partitioner,
+    PrivateStore,
 )
 from common.schema import BY_NAME, SCHEMA, Key, floats
 
@@ -83,6 +84,7 @@ class Config:
     seed: int
     device: str
     state_dir: str
+    private_store: PrivateStore
     reset_private: bool
     compression: Compression
     compression_ratio: float

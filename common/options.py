@@ -103,6 +103,13 @@ class DistillPrior(StrEnum):
     SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
 
 
+class PrivateStore(StrEnum):
+    """Where a client keeps its private model between rounds (run-config ``private-store``)."""
+
+    MEMORY = "memory"  # in context.state (and also in state-dir when one is set)
+    DISK = "disk"  # only in state-dir: memory grows with a round's clients, not the population
+
+
 class Compression(StrEnum):
     """How a client encodes its meme update (run-config ``compression``)."""
 

@@ -26,6 +26,7 @@ from common.options import (
     DistillWeighting,
     DpMode,
     Partitioner,
+    PrivateStore,
 )
 
 
@@ -234,7 +235,13 @@ SCHEMA: tuple[Key, ...] = (
     Key("state-dir", str, "", DEP, "folder where each client keeps its private model "
         "between rounds and restarts; empty: in memory for the run; a node's "
         "`--node-config state-dir=…` wins", resumable=True),
-    Key("reset-private", bool, False, DEP, "ignore saved private models and start fresh"),
+    Key("private-store", PrivateStore, PrivateStore.MEMORY, DEP,
+        "where each client keeps its private model between rounds: `memory` (the node's "
+        "state, plus `state-dir` when set) or `disk` (only `state-dir`, read and written "
+        "each round: a simulation's memory then grows with the clients of a round, not "
+        "with the population)", resumable=True),
+    Key("reset-private", bool, False, DEP, "ignore private models saved before this run and "
+        "start fresh"),
     Key("compression", Compression, Compression.NONE, DEP,
         "what a client sends up: `none` (the meme, float32), or its update (meme - "
         "received) as `fp16`, `int8` (one scale per tensor), `topk` (the largest "

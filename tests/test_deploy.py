@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.private import read_state_file
+from client.state_file import read_state_file
 from common.config import load_config
 from common.data import load_client_data
 from common.flwr_deploy import Deployment, wait_for_rounds

@@ -85,13 +85,19 @@ def test_heterogeneous_private_models(simlink, tmp_path):
 
 def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):
     """With the personal mixture on: it is reported per round and per client, and
-    reproducible like the rest."""
+    reproducible like the rest. The second run keeps its private models on disk only
+    (``private-store="disk"``), which must change nothing."""
     runs = []
-    for name in ("rep-a", "rep-b"):
+    disk = {"private-store": "disk", "state-dir": str(tmp_path / "state")}
+    for name, store in (("rep-a", {}), ("rep-b", disk)):
         _, run_dir = _run(simlink, tmp_path, name, **{"fraction-train": 0.67, "seed": 5,
-                                                      "personal-mix": True})
+                                                      "personal-mix": True, **store})
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(run_dir)])
     assert runs[0] == runs[1]
+    from client.state_file import read_state_file
+
+    saved = [read_state_file(p) for p in (tmp_path / "state").glob("private-*[0-9].pt")]
+    assert sum(s["node_round"] for s in saved) == 2 * 2  # 2 rounds of 2 clients, all on disk
     assert all(r["num_clients"] == 2 for r in runs[0])
     assert all(0 < r["mix_accuracy"] <= 1 for r in runs[0])
     clients = json.loads((tmp_path / "rep-a" / "clients.json").read_text())

@@ -162,7 +162,7 @@ def _train_once(ctx, node, cfg, lineage, server_round):
             p.add_(1.0)
     priv.node_round += 1
     priv.server_round, priv.lineage = server_round, lineage
-    private.store(ctx, priv, node)
+    private.store(ctx, cfg, priv, node)
     return priv
 
 

@@ -58,7 +58,7 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
     resumed = json.loads((job.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in resumed] == [1, 2, 3]
     # the private models went on from round 2: every one trained 3 times in all
-    from client.private import read_state_file
+    from client.state_file import read_state_file
 
     states = sorted(job.state_dir.glob("private-*[0-9].pt"))
     assert len(states) == clients

@@ -1,0 +1,164 @@
+"""``private-store = "disk"``: the private model (and top-k's residual) live only in the
+state folder. The reference is the memory store, which the rest of the suite tests: the
+same messages must give the same weights, replies and metrics, bit for bit."""
+
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from client import app as client_app
+from client import private
+from client.mods import RESIDUAL, compress_mod
+from client.state_file import read_state_file
+from common.config import load_config
+from common.models import TaskSpec, build_model
+from common.records import to_record
+from tests.conftest import make_context, make_message, task_config
+
+RUN = {"dataset": "digits", "meme-model": "mlp", "local-model": "cnn", "batch-size": 16}
+SPEC = TaskSpec(1, 8, 10)
+
+
+def _config(server_round: int, lineage: str = "run-a") -> ConfigRecord:
+    config = task_config(1, 8, 10, server_round)
+    config["lineage"] = lineage
+    return config
+
+
+def _meme(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return build_model("mlp", SPEC).state_dict()
+
+
+def _rounds(ctx, rounds, lineage="run-a"):
+    """Train then evaluate ``rounds`` times; the replies' arrays and metrics."""
+    out = []
+    for r in range(1, rounds + 1):
+        meme = to_record(_meme(r))  # a different meme each round, as after aggregation
+        train = client_app.train(make_message(RecordDict(
+            {"arrays": meme, "config": _config(r, lineage)})), ctx)
+        ev = client_app.evaluate_both(make_message(RecordDict(
+            {"arrays": meme, "config": _config(r, lineage)}), MessageType.EVALUATE), ctx)
+        out.append(({k: a.numpy().copy() for k, a in train.content["arrays"].items()},
+                    dict(train.content["metrics"]), dict(ev.content["metrics"])))
+    return out
+
+
+def _kept(ctx):
+    cfg = load_config(ctx.run_config)
+    return private.stored_model(ctx, cfg, private.node_info(cfg, ctx))
+
+
+def test_disk_store_trains_exactly_like_memory_and_keeps_nothing_in_memory(tmp_path):
+    mem = make_context(RUN)
+    disk = make_context({**RUN, "private-store": "disk", "state-dir": str(tmp_path)})
+    ref, got = _rounds(mem, 3), _rounds(disk, 3)
+    for (arr_m, train_m, ev_m), (arr_d, train_d, ev_d) in zip(ref, got, strict=True):
+        assert train_m == train_d and ev_m == ev_d  # losses and accuracies, both models
+        assert arr_m.keys() == arr_d.keys()
+        assert all(np.array_equal(arr_m[k], arr_d[k]) for k in arr_m)
+    assert 0 < ev_d["local-accuracy"] <= 1
+    # the private model's weights agree, and they are not the meme's (a cnn vs an mlp)
+    km, kd = _kept(mem), _kept(disk)
+    assert km.keys() == kd.keys() and kd["0.0.weight"].ndim == 4
+    assert all(np.array_equal(km[k], kd[k]) for k in km)
+    # memory holds the model in the memory store, nothing of it in the disk store
+    assert "private-model" in mem.state.array_records
+    assert not disk.state.array_records and "private-meta" not in disk.state.config_records
+    node = private.node_info(load_config(disk.run_config), disk)
+    saved = read_state_file(tmp_path / f"private-{node.client_key}.pt")
+    assert saved["node_round"] == 3 and saved["server_round"] == 3
+    assert saved["lineage"] == "run-a"
+    assert saved["optimizer"]["state"]  # momentum kept, as in memory
+
+
+def test_disk_store_without_a_state_folder_names_both_keys():
+    ctx = make_context({**RUN, "private-store": "disk"})
+    cfg = load_config(ctx.run_config)
+    with pytest.raises(private.PrivateStateError, match=r"'private-store' = 'disk'.*'state-dir'"):
+        private.node_info(cfg, ctx)
+    with pytest.raises(Exception, match="private-store"):  # identify fails the same way
+        client_app.identify(make_message(RecordDict({}), MessageType.QUERY), ctx)
+
+
+def test_reset_private_ignores_other_runs_but_keeps_this_one(tmp_path):
+    run = {**RUN, "private-store": "disk", "state-dir": str(tmp_path)}
+    _rounds(make_context(run), 2, lineage="old-run")
+    ctx = make_context({**run, "reset-private": True})
+    cfg = load_config(ctx.run_config)
+    node = private.node_info(cfg, ctx)
+    # the old run's model is there, but a reset run starts afresh ...
+    assert read_state_file(node.state_file)["node_round"] == 2
+    fresh = private.restore(ctx, cfg, node, SPEC, torch.device("cpu"), "new-run", 0)
+    assert fresh.node_round == 0
+    # ... equal to a node that never trained (same seed, same initialisation)
+    never = private.restore(make_context(RUN), load_config(RUN), private.node_info(
+        load_config(RUN), make_context(RUN)), SPEC, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.model.parameters(),
+                                                   never.model.parameters(), strict=True))
+    # and continues its own run's model from round to round
+    _rounds(ctx, 2, lineage="new-run")
+    assert read_state_file(node.state_file)["node_round"] == 2
+    assert read_state_file(node.state_file)["lineage"] == "new-run"
+    # an unreadable old file is replaced, not an error, when resetting
+    node.state_file.write_bytes(b"not a state file")
+    node.state_file.with_suffix(".prev.pt").unlink()
+    assert private.restore(ctx, cfg, node, SPEC, torch.device("cpu"), "third-run",
+                           0).node_round == 0
+    # without reset the same file is refused, naming it
+    plain_cfg = load_config(run)
+    with pytest.raises(private.PrivateStateError, match=r"private-\d+\.pt is corrupt"):
+        private.restore(make_context(run), plain_cfg, node, SPEC, torch.device("cpu"))
+
+
+def _topk_round(ctx, trained, lineage="run-a"):
+    received = np.ones(4, np.float32)
+    msg = make_message(RecordDict({"arrays": ArrayRecord({"w": Array(received)}),
+                                   "config": _config(1, lineage)}))
+
+    def handler(m, c):
+        return Message(RecordDict({"arrays": ArrayRecord({"w": Array(trained)}),
+                                   "metrics": MetricRecord({"num-examples": 4})}), reply_to=m)
+
+    arrays = compress_mod(msg, ctx, handler).content["arrays"]
+    return arrays["w|idx"].numpy().tolist(), arrays["w|val"].numpy()
+
+
+def test_topk_residual_is_kept_on_disk_for_this_run_only(tmp_path):
+    ctx = make_context({"compression": "topk", "compression-ratio": 0.5,
+                        "private-store": "disk", "state-dir": str(tmp_path)})
+    first = np.array([1.1, -2.0, 3.0, 1.5], np.float32)  # update .1, -3, 2, .5
+    second = np.array([1.2, 1.0, 1.0, 1.1], np.float32)  # update .2, 0, 0, .1
+    assert _topk_round(ctx, first)[0] == [1, 2]
+    assert not ctx.state.array_records  # the residual went to disk
+    (kept,) = tmp_path.glob(f"{RESIDUAL}-*.npz")
+    with np.load(kept, allow_pickle=False) as z:
+        np.testing.assert_allclose(z["w"], [0.1, 0.0, 0.0, 0.5], rtol=1e-5, atol=1e-7)
+    # the next round adds it: .2 + .1 and .1 + .5 (by hand)
+    idx, val = _topk_round(ctx, second)
+    assert idx == [0, 3]
+    np.testing.assert_allclose(val, [0.3, 0.6], rtol=1e-5)
+    # another run does not inherit it: the plain top 2 of (.2, 0, 0, .1)
+    other = make_context(dict(ctx.run_config))
+    idx, val = _topk_round(other, second, lineage="run-b")
+    assert idx == [0, 3]
+    np.testing.assert_allclose(val, [0.2, 0.1], rtol=1e-5)
+
+
+def test_state_dir_from_the_node_config_serves_the_disk_store(tmp_path):
+    ctx = make_context({**RUN, "private-store": "disk"})
+    ctx.node_config["state-dir"] = str(tmp_path / "node")
+    _rounds(ctx, 1)
+    files = sorted(p.name for p in (tmp_path / "node").iterdir())
+    assert any(n.startswith("private-") and n.endswith(".pt") for n in files)
+    assert not any(n.endswith(".tmp") for n in files)
