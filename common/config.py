@@ -19,6 +19,7 @@ from common.faults import Fault, parse_faults
 from common.options import (
     Aggregation,
     Algorithm,
+    ClientSampling,
     Codec,
     Compression,
     Distill,
@@ -47,6 +48,7 @@ class Config:
     num_server_rounds: int
     fraction_train: float
     fraction_evaluate: float
+    client_sampling: ClientSampling
     min_clients: int
     round_timeout: float
     local_epochs: int
@@ -229,6 +231,11 @@ def _check_privacy(cfg: Config) -> None:
             f"run-config key 'dp-mode' = {mode!r} needs aggregation 'uniform', got "
             f"{cfg.aggregation.value!r}: the noise is calibrated to a clipped update "
             "counting 1/n of the average, which sample weights or robust rules break")
+    if (cfg.dp_mode.enabled and cfg.fraction_train < 1
+            and cfg.client_sampling is ClientSampling.CYCLIC):
+        raise ConfigError(f"run-config keys 'client-sampling' = 'cyclic' and 'dp-mode' = "
+                          f"{mode!r} with fraction-train < 1: DP's accounting counts on "
+                          "sampling nobody can predict; expected client-sampling 'random'")
     if not cfg.secure_aggregation:
         return
     if not cfg.algorithm.trains_meme:

@@ -103,6 +103,13 @@ class DistillPrior(StrEnum):
     SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
 
 
+class ClientSampling(StrEnum):
+    """How each round picks its share of the clients (run-config ``client-sampling``)."""
+
+    RANDOM = "random"  # a fresh seeded draw every round (Flower's sampler)
+    CYCLIC = "cyclic"  # passes over a seeded shuffle: every client once per pass
+
+
 class PrivateStore(StrEnum):
     """Where a client keeps its private model between rounds (run-config ``private-store``)."""
 

@@ -20,6 +20,7 @@ from common.options import (
     MODEL_NAMES,
     Aggregation,
     Algorithm,
+    ClientSampling,
     Compression,
     DistillGate,
     DistillPrior,
@@ -197,6 +198,11 @@ SCHEMA: tuple[Key, ...] = (
         "each round", _in(0, 1, lo_open=True), "a number in (0, 1]"),
     Key("fraction-evaluate", float, 1.0, A, "share sampled to evaluate each round",
         _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("client-sampling", ClientSampling, ClientSampling.RANDOM, A,
+        "how a round picks its `fraction-train` / `fraction-evaluate` share: `random` (a "
+        "seeded draw each round) or `cyclic` (passes over a seeded shuffle of the clients: "
+        "each one trains once per pass, so a population of N is covered in N / sampled "
+        "rounds)"),
     Key("aggregation", Aggregation, Aggregation.WEIGHTED, A,
         "`weighted` (by num-examples), `uniform` (as in the FML paper); robust, through "
         "Flower's strategies: `median`, `trimmed-mean` (`trimmed-mean-beta` per side), "

@@ -22,18 +22,26 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
 from common.compression import CompressionError, decode, max_payload_bytes, payload_bytes
 from common.config import Aggregation, Config
-from common.options import Compression
+from common.options import ClientSampling, Compression
 from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
-from server.identity import ClientRegistry, OrderedGrid, TooFewClients
+from server.identity import ClientRegistry, OrderedGrid, TooFewClients, cyclic_sample
 from server.results import RunLog
 from server.secure import SecureAggregationFailed, secure_mean
 from server.validate import Template, validate_update
@@ -78,8 +86,11 @@ class MemeStrategy(FedAvg):
         """Flower's sampling over clients ordered by key, with a per-round seed."""
         ordered = self.ordered(grid)
         self.population = len(ordered.get_node_ids())
-        random.seed(self._sampling_seed("sample-train", server_round))
-        msgs = list(super().configure_train(server_round, arrays, config, ordered))
+        if self.cfg.client_sampling is ClientSampling.CYCLIC:
+            msgs = self._cyclic(MessageType.TRAIN, server_round, arrays, config, ordered)
+        else:
+            random.seed(self._sampling_seed("sample-train", server_round))
+            msgs = list(super().configure_train(server_round, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         self.sent_train = len(msgs)
         self.current_arrays = arrays
@@ -87,6 +98,22 @@ class MemeStrategy(FedAvg):
             self._secure_round = (grid, msgs)
             return []
         return msgs
+
+    def _cyclic(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                ordered: OrderedGrid) -> list[Message]:
+        """The round's messages under ``client-sampling = "cyclic"`` (the share and the
+        minimum as Flower's sampler computes them; see :func:`cyclic_sample`). Training and
+        evaluation walk the same sequence: with equal shares, a round evaluates the clients
+        it trained."""
+        train = kind == MessageType.TRAIN
+        ids = ordered.get_node_ids()
+        share = self.fraction_train if train else self.fraction_evaluate
+        k = max(int(len(ids) * share), self.min_train_nodes if train else self.min_evaluate_nodes)
+        nodes = cyclic_sample(ids, k, server_round,
+                              lambda p: derive_seed(self.cfg.seed, "cycle", p))
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
 
     def _sampling_seed(self, label: str, rnd: int) -> int:
         """The seed of this round's sampling: from ``seed``, except under DP with sampling.
@@ -104,8 +131,11 @@ class MemeStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """As :meth:`configure_train`, for the evaluation messages."""
         ordered = self.ordered(grid)
-        random.seed(self._sampling_seed("sample-evaluate", server_round))
-        msgs = list(super().configure_evaluate(server_round, arrays, config, ordered))
+        if self.cfg.client_sampling is ClientSampling.CYCLIC:
+            msgs = self._cyclic(MessageType.EVALUATE, server_round, arrays, config, ordered)
+        else:
+            random.seed(self._sampling_seed("sample-evaluate", server_round))
+            msgs = list(super().configure_evaluate(server_round, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         return msgs
 

@@ -109,6 +109,25 @@ def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_cyclic_sampling_trains_every_client_once_per_pass(simlink, tmp_path):
+    """3 clients, 1 a round, 3 rounds, private models on disk only: each trained once."""
+    from client.state_file import read_state_file
+
+    state = tmp_path / "state"
+    _, run_dir = _run(simlink, tmp_path, "cyclic", **{
+        "num-server-rounds": 3, "fraction-train": 0.34, "fraction-evaluate": 0.34,
+        "client-sampling": "cyclic", "min-clients": 1, "private-store": "disk",
+        "state-dir": str(state)})
+    records = _metrics(run_dir)
+    assert [r["num_clients"] for r in records] == [1, 1, 1]
+    saved = sorted((read_state_file(p)["server_round"], read_state_file(p)["node_round"])
+                   for p in state.glob("private-*[0-9].pt"))
+    assert saved == [(1, 1), (2, 1), (3, 1)]  # one client per round, each once
+    clients = json.loads((run_dir / "clients.json").read_text())
+    evaluated = [[c["key"] for c in rnd["clients"]] for rnd in clients]
+    assert sorted(k for keys in evaluated for k in keys) == [0, 1, 2]
+
+
 @pytest.mark.parametrize("algorithm", ["local", "fedprox"])
 def test_baselines_fill_only_their_keys(simlink, tmp_path, algorithm):
     _, run_dir = _run(simlink, tmp_path, algorithm, algorithm=algorithm)

@@ -7,7 +7,7 @@ from flwr.app import Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from client import private
 from common.config import load_config
-from server.identity import TooFewClients
+from server.identity import TooFewClients, cyclic_sample
 from server.results import RunLog
 from server.strategy import build_strategy
 from tests.conftest import make_context
@@ -156,3 +156,24 @@ def test_when_every_client_fails_to_identify_the_run_stops_at_once_with_the_reas
     with pytest.raises(TooFewClients, match="every connected client failed.*values of alpha"):
         strat.ordered(_FailingGrid({11: 0, 22: 1}))
     assert time.monotonic() - start < 10  # not after round-timeout (600 s)
+
+
+def test_cyclic_sampling_covers_every_client_once_per_pass():
+    ids = [107, 3, 55, 21, 9, 80]  # node ids, in client-key order
+
+    def seeds(base):
+        return lambda p: base * 1000 + p
+
+    rounds = [cyclic_sample(ids, 2, r, seeds(1)) for r in range(1, 7)]
+    assert all(len(r) == 2 and len(set(r)) == 2 for r in rounds)
+    first, second = rounds[:3], rounds[3:]  # 6 clients, 2 a round: a pass is 3 rounds
+    assert sorted(n for r in first for n in r) == sorted(ids)
+    assert sorted(n for r in second for n in r) == sorted(ids)
+    assert first != second  # each pass is shuffled anew
+    assert rounds == [cyclic_sample(ids, 2, r, seeds(1)) for r in range(1, 7)]  # seeded
+    assert rounds != [cyclic_sample(ids, 2, r, seeds(2)) for r in range(1, 7)]
+    # 4 of 6 a round: round 2 takes the pass's last 2 and 2 of the next pass, never one twice
+    straddle = [cyclic_sample(ids, 4, r, seeds(1)) for r in (1, 2)]
+    assert all(len(set(r)) == 4 for r in straddle)
+    assert set(straddle[0]) | set(straddle[1]) == set(ids)
+    assert cyclic_sample(ids, 10, 1, seeds(1)) == cyclic_sample(ids, 6, 1, seeds(1))  # capped
