@@ -41,12 +41,13 @@ def flwr_env(home: Path) -> dict[str, str]:
 
 
 class SimLink:
-    """``flower-superlink --simulation`` on a free port, with its own FLWR_HOME."""
+    """``flower-superlink --simulation`` on a free port, with its own FLWR_HOME; ``env``
+    adds to its environment (``RAY_ADDRESS``: simulate on that Ray cluster)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, env: dict[str, str] | None = None) -> None:
         self.home = home
         self.port = free_port()
-        self.env = flwr_env(home)
+        self.env = {**flwr_env(home), **(env or {})}
         home.mkdir(parents=True, exist_ok=True)
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\n'
