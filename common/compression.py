@@ -6,9 +6,12 @@ Each float array ``k`` of the update becomes named parts ``k|<part>``:
 - ``fp16``: ``k|fp16`` (float16, the array's shape);
 - ``int8``: ``k|q`` (int8, the shape) and ``k|scale`` (float32, one value): x ≈ q·scale,
   scale = max|x| / 127 per tensor;
-- ``topk``: ``k|idx`` (int32) and ``k|val`` (float32), the ``ratio`` share of entries of
-  largest magnitude (at least one); what is left out is kept by the client (error feedback)
-  and added to its next update;
+- ``topk``: the ``ratio`` share of entries of largest magnitude (at least one), their
+  positions as ``k|idx`` (int32) or, where smaller, as ``k|mask`` (a packed bitmap, one
+  bit per entry), their values as ``k|q`` (int8) and ``k|scale`` (float32, one value) as
+  in ``int8``; what is left out, and the values' rounding, is kept by the client (error
+  feedback) and added to its next update (sparse, then quantised: as STC, Sattler et
+  al. 2019, with int8 for ternary values);
 - ``svd``: a 2-D or larger update, as a (rows, rest) matrix, becomes ``k|us`` (rows × r) and
   ``k|v`` (r × rest), the smallest rank r keeping ``energy`` of the squared singular values
   (FedKD); a 1-D one, or one whose factors would be larger, goes as ``k|full`` (float32).
@@ -50,6 +53,26 @@ def svd_rank(singular: np.ndarray, energy: float) -> int:
     return int(min(len(power), np.searchsorted(np.cumsum(power) / total, energy - 1e-12) + 1))
 
 
+def _int8(x: np.ndarray) -> tuple[np.ndarray, np.float32]:
+    """x ≈ q·scale with q in [-127, 127], scale = max|x| / 127 (1 for an all-zero x)."""
+    top = float(np.abs(x).max()) if x.size else 0.0
+    scale = np.float32(top / 127.0 if top > 0 and math.isfinite(top) else 1.0)
+    return np.clip(np.rint(x / scale), -127, 127).astype(np.int8), scale
+
+
+def _mask_bytes(size: int) -> int:
+    return (size + 7) // 8
+
+
+def _positions(key: str, idx: np.ndarray, size: int) -> State:
+    """Sorted positions as int32 indices, or as a packed bitmap where that is smaller."""
+    if 4 * len(idx) <= _mask_bytes(size):
+        return {f"{key}|idx": np.asarray(idx, np.int32)}
+    bits = np.zeros(size, bool)
+    bits[idx] = True
+    return {f"{key}|mask": np.packbits(bits)}
+
+
 def _encode_array(key: str, x: np.ndarray, codec: Codec) -> tuple[State, np.ndarray]:
     """The parts of one float update, and what they leave out (for error feedback)."""
     x = np.asarray(x, np.float32)
@@ -58,25 +81,29 @@ def _encode_array(key: str, x: np.ndarray, codec: Codec) -> tuple[State, np.ndar
         if mode is Compression.INT8:
             return ({f"{key}|q": np.zeros(x.shape, np.int8),
                      f"{key}|scale": np.array([np.nan], np.float32)}, np.zeros_like(x))
+        if mode is Compression.TOPK:
+            k = topk_count(x.size, codec.ratio)
+            return ({**_positions(key, np.arange(k), x.size),
+                     f"{key}|q": np.zeros(k, np.int8),
+                     f"{key}|scale": np.array([np.nan], np.float32)}, np.zeros_like(x))
         if mode is Compression.SVD:
             return {f"{key}|full": x.copy()}, np.zeros_like(x)
     if mode is Compression.FP16:
         part = x.astype(np.float16)
         return {f"{key}|fp16": part}, x - part.astype(np.float32)
     if mode is Compression.INT8:
-        top = float(np.abs(x).max()) if x.size else 0.0
-        scale = np.float32(top / 127.0 if top > 0 and math.isfinite(top) else 1.0)
-        q = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+        q, scale = _int8(x)
         return ({f"{key}|q": q, f"{key}|scale": np.array([scale], np.float32)},
                 x - q.astype(np.float32) * scale)
     if mode is Compression.TOPK:
         flat = x.ravel()
         k = topk_count(flat.size, codec.ratio)
         idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:])
+        q, scale = _int8(flat[idx])
         kept = np.zeros_like(flat)
-        kept[idx] = flat[idx]
-        return ({f"{key}|idx": idx.astype(np.int32), f"{key}|val": flat[idx].copy()},
-                (flat - kept).reshape(x.shape))
+        kept[idx] = q.astype(np.float32) * scale
+        return ({**_positions(key, idx, flat.size), f"{key}|q": q,
+                 f"{key}|scale": np.array([scale], np.float32)}, (flat - kept).reshape(x.shape))
     # SVD
     if x.ndim >= 2:
         m = x.reshape(x.shape[0], -1)
@@ -124,7 +151,9 @@ def _layout(shape: tuple[int, ...], dtype: np.dtype, codec: Codec) -> list[dict[
         return [{"q": (shape, np.dtype(np.int8)), "scale": ((1,), np.dtype(np.float32))}]
     if mode is Compression.TOPK:
         k = topk_count(size, codec.ratio)
-        return [{"idx": ((k,), np.dtype(np.int32)), "val": ((k,), np.dtype(np.float32))}]
+        values = {"q": ((k,), np.dtype(np.int8)), "scale": ((1,), np.dtype(np.float32))}
+        return [{"idx": ((k,), np.dtype(np.int32)), **values},
+                {"mask": ((_mask_bytes(size),), np.dtype(np.uint8)), **values}]
     full = {"full": (shape, np.dtype(np.float32))}
     if len(shape) >= 2:
         return [{"us": (None, np.dtype(np.float32)), "v": (None, np.dtype(np.float32))}, full]
@@ -138,14 +167,14 @@ def max_payload_bytes(template: Template, codec: Codec) -> int:
     for shape, dtype in template.values():
         size = int(np.prod(shape))
         layouts = _layout(tuple(shape), np.dtype(dtype), codec)
-        best = 0
+        sizes = []
         for layout in layouts:
             if any(part_shape is None for part_shape, _ in layout.values()):
-                n = size * 4  # svd factors are sent only when smaller than the float32 array
+                sizes.append(size * 4)  # svd factors go only when smaller than the array
             else:
-                n = sum(int(np.prod(ps)) * pd.itemsize for ps, pd in layout.values())
-            best = max(best, n)
-        total += best
+                sizes.append(sum(int(np.prod(ps)) * pd.itemsize for ps, pd in layout.values()))
+        # top-k's positions go in the smaller of their two forms; svd's in either
+        total += min(sizes) if codec.mode is Compression.TOPK else max(sizes)
     return total
 
 
@@ -191,14 +220,23 @@ def _decode_array(key: str, got: Mapping[str, np.ndarray], shape: tuple[int, ...
         return got["int"].copy()
     if "fp16" in got:
         return got["fp16"].astype(dtype)
-    if "q" in got:
+    if "q" in got and "idx" not in got and "mask" not in got:
         return (got["q"].astype(np.float32) * got["scale"][0]).astype(dtype)
-    if "idx" in got:
-        idx = got["idx"].astype(np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= size or len(np.unique(idx)) != idx.size):
-            raise CompressionError(f"'{key}|idx' holds indices out of range or repeated")
+    if "idx" in got or "mask" in got:
+        values = got["q"].astype(np.float32) * got["scale"][0]
+        if "idx" in got:
+            idx = got["idx"].astype(np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= size
+                             or len(np.unique(idx)) != idx.size):
+                raise CompressionError(f"'{key}|idx' holds indices out of range or repeated")
+        else:
+            bits = np.unpackbits(got["mask"])
+            idx = np.flatnonzero(bits[:size])
+            if bits[size:].any() or len(idx) != len(values):
+                raise CompressionError(f"'{key}|mask' marks {int(bits.sum())} entries (or "
+                                       f"bits past the array), expected {len(values)}")
         flat = np.zeros(size, dtype)
-        flat[idx] = got["val"]
+        flat[idx] = values
         return flat.reshape(shape)
     if "full" in got:
         return got["full"].astype(dtype)

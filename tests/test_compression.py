@@ -54,16 +54,39 @@ def test_topk_keeps_the_largest_and_feeds_the_rest_back():
     codec = Codec(Compression.TOPK, ratio=0.5)
     tmpl = {"w": ((4,), np.dtype(np.float32))}
     payload, residual = encode({"w": np.array([0.1, -3.0, 2.0, 0.5], np.float32)}, codec)
-    assert payload["w|idx"].tolist() == [1, 2] and payload["w|val"].tolist() == [-3.0, 2.0]
-    np.testing.assert_allclose(residual["w"], [0.1, 0.0, 0.0, 0.5])
-    np.testing.assert_allclose(decode(payload, tmpl, codec)["w"], [0.0, -3.0, 2.0, 0.0])
-    # next round: 0.2 + 0.1 and 0.1 + 0.5 now beat the fresh zeros
-    payload, residual = encode({"w": np.array([0.2, 0.0, 0.0, 0.1], np.float32)}, codec,
+    # entries 1 and 2, as a bitmap (1 byte < two int32 indices): 0b0110_0000
+    assert payload["w|mask"].tolist() == [0b01100000]
+    # values in int8 steps of 3/127: -3 -> -127, 2 -> round(84.67) = 85
+    assert payload["w|q"].tolist() == [-127, 85]
+    np.testing.assert_allclose(payload["w|scale"], [3 / 127], rtol=1e-6)
+    np.testing.assert_allclose(decode(payload, tmpl, codec)["w"],
+                               [0.0, -3.0, 85 * 3 / 127, 0.0], rtol=1e-6)
+    # left out: the small entries, and the rounding of 2 (2 - 2.00787)
+    np.testing.assert_allclose(residual["w"], [0.1, 0.0, 2 - 85 * 3 / 127, 0.5], rtol=1e-5)
+    # next round: 0.25 + 0.1 and 0.1 + 0.5 now beat the fresh zeros
+    payload, residual = encode({"w": np.array([0.25, 0.0, 0.0, 0.1], np.float32)}, codec,
                                residual)
-    assert payload["w|idx"].tolist() == [0, 3]
-    np.testing.assert_allclose(payload["w|val"], [0.3, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(residual["w"], [0.0, 0.0, 0.0, 0.0], atol=1e-7)
-    assert payload_bytes(payload) == 2 * 4 + 2 * 4  # int32 index + float32 value each
+    assert payload["w|mask"].tolist() == [0b10010000]
+    assert payload["w|q"].tolist() == [74, 127]  # 0.35 / (0.6 / 127) = 74.08
+    np.testing.assert_allclose(decode(payload, tmpl, codec)["w"],
+                               [74 * 0.6 / 127, 0.0, 0.0, 0.6], rtol=1e-5)
+    np.testing.assert_allclose(residual["w"], [0.35 - 74 * 0.6 / 127, 0.0,
+                                               2 - 85 * 3 / 127, 0.0], rtol=1e-4, atol=1e-7)
+    assert payload_bytes(payload) == 1 + 2 + 4  # bitmap, two int8 values, the scale
+
+
+def test_topk_sends_indices_where_they_are_smaller_than_the_bitmap():
+    codec = Codec(Compression.TOPK, ratio=0.01)
+    x = np.zeros(1000, np.float32)
+    x[[7, 500, 999]] = [1.0, -2.0, 0.5]
+    payload, _ = encode({"w": x}, codec)
+    # 10 entries: 40 bytes of int32 indices against 125 of bitmap
+    assert sorted(payload) == ["w|idx", "w|q", "w|scale"] and len(payload["w|idx"]) == 10
+    assert payload_bytes(payload) == 10 * 4 + 10 + 4
+    back = decode(payload, {"w": ((1000,), np.dtype(np.float32))}, codec)["w"]
+    np.testing.assert_allclose(back[[7, 500, 999]], [round(63.5) * 2 / 127, -2.0, 0.5],
+                               atol=2 / 127 / 2)  # within half an int8 step
+    assert np.count_nonzero(back) == 3
 
 
 def test_topk_sizes_and_bound():
@@ -71,7 +94,9 @@ def test_topk_sizes_and_bound():
     codec, payload, residual, out = _roundtrip(Compression.TOPK, ratio=0.1)
     assert np.count_nonzero(out["fc"]) == 120
     np.testing.assert_allclose(out["fc"] + residual["fc"], UPDATE["fc"], atol=1e-7)
-    assert payload_bytes(payload) == 8 * (60 + 120 + 3) + 8 == max_payload_bytes(TEMPLATE, codec)
+    # bitmaps (600, 1200 and 30 bits) beat int32 indices here; int8 values, one scale each
+    assert payload_bytes(payload) == (75 + 60 + 4) + (150 + 120 + 4) + (4 + 3 + 4) + 8
+    assert payload_bytes(payload) == max_payload_bytes(TEMPLATE, codec)
 
 
 def test_svd_rank_by_energy_and_exact_low_rank():
@@ -115,10 +140,18 @@ def test_malformed_int8_payloads_are_refused(change, needle):
 def test_topk_indices_out_of_range_or_repeated_are_refused():
     codec = Codec(Compression.TOPK, ratio=0.5)
     tmpl = {"w": ((4,), np.dtype(np.float32))}
+    values = {"w|q": np.ones(2, np.int8), "w|scale": np.ones(1, np.float32)}
     for idx in ([1, 4], [2, 2], [-1, 0]):
-        payload = {"w|idx": np.array(idx, np.int32), "w|val": np.ones(2, np.float32)}
+        payload = {"w|idx": np.array(idx, np.int32), **values}
         with pytest.raises(CompressionError, match="out of range or repeated"):
             decode(payload, tmpl, codec)
+    # a bitmap must mark exactly the entries sent, none past the array's end
+    for mask in (0b11100000, 0b01000001, 0b00000011):
+        payload = {"w|mask": np.array([mask], np.uint8), **values}
+        with pytest.raises(CompressionError, match="marks"):
+            decode(payload, tmpl, codec)
+    ok = decode({"w|mask": np.array([0b00110000], np.uint8), **values}, tmpl, codec)["w"]
+    assert ok.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 # ---------------------------------------------------------------- on the wire
@@ -179,7 +212,7 @@ def test_compress_mod_sends_the_encoded_update_and_keeps_the_residual():
     msg = make_message(RecordDict({"arrays": ArrayRecord({"w": Array(received["w"])}),
                                    "config": task_config(1, 8, 10)}))
     trained = [np.array([1.1, -2.0, 3.0, 1.5], np.float32),  # update .1, -3, 2, .5
-               np.array([1.2, 1.0, 1.0, 1.1], np.float32)]  # update .2, 0, 0, .1
+               np.array([1.25, 1.0, 1.0, 1.1], np.float32)]  # update .25, 0, 0, .1
 
     def handler(m, ctx, w):
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(w)}),
@@ -188,11 +221,11 @@ def test_compress_mod_sends_the_encoded_update_and_keeps_the_residual():
     ctx = make_context({"compression": "topk", "compression-ratio": 0.5})
     sent = [compress_mod(msg, ctx, lambda m, c, w=w: handler(m, c, w)).content["arrays"]
             for w in trained]
-    assert sent[0]["w|idx"].numpy().tolist() == [1, 2]
-    np.testing.assert_allclose(sent[0]["w|val"].numpy(), [-3.0, 2.0], rtol=1e-6)
-    # round 2 sends .2 + .1 and .1 + .5: the residual was kept in the node's state
-    assert sent[1]["w|idx"].numpy().tolist() == [0, 3]
-    np.testing.assert_allclose(sent[1]["w|val"].numpy(), [0.3, 0.6], rtol=1e-5)
+    tmpl, codec = {"w": ((4,), np.dtype(np.float32))}, Codec(Compression.TOPK, ratio=0.5)
+    got = [decode({k: a.numpy() for k, a in s.items()}, tmpl, codec)["w"] for s in sent]
+    np.testing.assert_allclose(got[0], [0.0, -3.0, 85 * 3 / 127, 0.0], rtol=1e-5)
+    # round 2 sends .25 + .1 and .1 + .5: the residual was kept in the node's state
+    np.testing.assert_allclose(got[1], [74 * 0.6 / 127, 0.0, 0.0, 0.6], rtol=1e-5)
     assert RESIDUAL in ctx.state.array_records
     plain = compress_mod(msg, make_context({}), lambda m, c: handler(m, c, trained[0]))
     assert list(plain.content["arrays"].keys()) == ["w"]  # compression none: the meme

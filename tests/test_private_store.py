@@ -20,8 +20,10 @@ from client import app as client_app
 from client import private
 from client.mods import RESIDUAL, compress_mod
 from client.state_file import read_state_file
+from common.compression import decode
 from common.config import load_config
 from common.models import TaskSpec, build_model
+from common.options import Codec, Compression
 from common.records import to_record
 from tests.conftest import make_context, make_message, task_config
 
@@ -131,28 +133,28 @@ def _topk_round(ctx, trained, lineage="run-a"):
                                    "metrics": MetricRecord({"num-examples": 4})}), reply_to=m)
 
     arrays = compress_mod(msg, ctx, handler).content["arrays"]
-    return arrays["w|idx"].numpy().tolist(), arrays["w|val"].numpy()
+    return decode({k: a.numpy() for k, a in arrays.items()}, {"w": ((4,), np.dtype(np.float32))},
+                  Codec(Compression.TOPK, ratio=0.5))["w"]
 
 
 def test_topk_residual_is_kept_on_disk_for_this_run_only(tmp_path):
     ctx = make_context({"compression": "topk", "compression-ratio": 0.5,
                         "private-store": "disk", "state-dir": str(tmp_path)})
     first = np.array([1.1, -2.0, 3.0, 1.5], np.float32)  # update .1, -3, 2, .5
-    second = np.array([1.2, 1.0, 1.0, 1.1], np.float32)  # update .2, 0, 0, .1
-    assert _topk_round(ctx, first)[0] == [1, 2]
+    second = np.array([1.25, 1.0, 1.0, 1.1], np.float32)  # update .25, 0, 0, .1
+    # -3 and 2 go, in int8 steps of 3/127 (2 -> 85 steps)
+    np.testing.assert_allclose(_topk_round(ctx, first), [0, -3, 85 * 3 / 127, 0], rtol=1e-5)
     assert not ctx.state.array_records  # the residual went to disk
     (kept,) = tmp_path.glob(f"{RESIDUAL}-*.npz")
     with np.load(kept, allow_pickle=False) as z:
-        np.testing.assert_allclose(z["w"], [0.1, 0.0, 0.0, 0.5], rtol=1e-5, atol=1e-7)
-    # the next round adds it: .2 + .1 and .1 + .5 (by hand)
-    idx, val = _topk_round(ctx, second)
-    assert idx == [0, 3]
-    np.testing.assert_allclose(val, [0.3, 0.6], rtol=1e-5)
-    # another run does not inherit it: the plain top 2 of (.2, 0, 0, .1)
+        np.testing.assert_allclose(z["w"], [0.1, 0.0, 2 - 85 * 3 / 127, 0.5], rtol=1e-4)
+    # the next round adds it: .25 + .1 and .1 + .5, in steps of .6/127 (by hand)
+    np.testing.assert_allclose(_topk_round(ctx, second), [74 * 0.6 / 127, 0, 0, 0.6],
+                               rtol=1e-5)
+    # another run does not inherit it: the plain top 2 of (.25, 0, 0, .1), steps of .25/127
     other = make_context(dict(ctx.run_config))
-    idx, val = _topk_round(other, second, lineage="run-b")
-    assert idx == [0, 3]
-    np.testing.assert_allclose(val, [0.2, 0.1], rtol=1e-5)
+    np.testing.assert_allclose(_topk_round(other, second, lineage="run-b"),
+                               [0.25, 0, 0, 51 * 0.25 / 127], rtol=1e-5)
 
 
 def test_state_dir_from_the_node_config_serves_the_disk_store(tmp_path):
