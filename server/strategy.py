@@ -35,7 +35,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from common.compression import CompressionError, decode, max_payload_bytes, payload_bytes
+from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
 from common.options import ClientSampling, Compression
 from common.records import record_bytes
@@ -44,7 +44,7 @@ from server.aggregate import State, aggregate, as_dtypes
 from server.identity import ClientRegistry, OrderedGrid, TooFewClients, cyclic_sample
 from server.results import RunLog
 from server.secure import SecureAggregationFailed, secure_mean
-from server.validate import Template, validate_update
+from server.validate import Template, decode_reply, validate_update
 
 __all__ = ["Collected", "MemeStrategy", "TooFewClients", "build_strategy"]
 
@@ -171,7 +171,8 @@ class MemeStrategy(FedAvg):
         accepted, rejected, uploaded = [], 0, 0
         for m in (m for m in replies if not m.has_error()):
             sent = record_bytes(next(iter(m.content.array_records.values()), ArrayRecord()))
-            reason = self._decode(m, reference, limit)
+            reason = (decode_reply(m, reference, limit, self.template, codec)
+                      if codec.mode is not Compression.NONE else None)
             if reason is None:
                 reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
             if reason is None:
@@ -185,31 +186,6 @@ class MemeStrategy(FedAvg):
         self.run_log.set(rejected_updates=rejected, failed_clients=len(failed) + silent)
         self.run_log.add("bytes_up", uploaded)
         return accepted
-
-    def _decode(self, m: Message, reference: State, limit: int) -> str | None:
-        """With ``compression``: replace the reply's encoded update by the meme it makes
-        (``reference``, the meme sent, + update), for validation to check like any meme;
-        why not, or None. ``limit``: the largest payload the mode can need."""
-        codec = self.cfg.codec
-        if codec.mode is Compression.NONE or len(m.content.array_records) != 1:
-            return None
-        payload = {k: a.numpy() for k, a in next(iter(m.content.array_records.values())).items()}
-        size = payload_bytes(payload)
-        if size > limit:
-            return (f"encoded update of {size} bytes exceeds the {limit} "
-                    f"that compression '{codec.mode.value}' can need")
-        try:
-            update = decode(payload, self.template, codec)
-        except CompressionError as exc:
-            return f"encoded update does not decode: {exc}"
-        meme = {}
-        for k, ref in reference.items():
-            meme[k] = Array(np.asarray(
-                (ref.astype(np.float64) + update[k]).astype(ref.dtype) if ref.dtype.kind == "f"
-                else ref + update[k]))
-        metrics = next(iter(m.content.metric_records.values()), MetricRecord())
-        m.content = RecordDict({"arrays": ArrayRecord(meme), "metrics": metrics})
-        return None
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> Collected:
         """The round's accepted memes (validated, in key order), or SecAgg+'s mean."""

@@ -1,13 +1,17 @@
-"""The one check every meme update passes before any aggregation mode sees it."""
+"""The one check every meme update passes before any aggregation mode sees it, and the
+decoding of a compressed update into the meme it makes, which comes just before."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+from common.compression import Codec, CompressionError, decode, payload_bytes
 
 Template = dict[str, tuple[tuple[int, ...], np.dtype]]
+State = dict[str, np.ndarray]
 
 
 def template_of(record: ArrayRecord) -> Template:
@@ -49,4 +53,30 @@ def validate_update(content: RecordDict, template: Template, max_weight: float |
         return f"'{weight_key}' = {weight} is not a positive number"
     if max_weight is not None and weight > max_weight:
         return f"'{weight_key}' = {weight} exceeds the cap of {max_weight:g}"
+    return None
+
+
+def decode_reply(m: Message, reference: State, limit: int, template: Template,
+                 codec: Codec) -> str | None:
+    """With ``compression``: replace the reply's encoded update by the meme it makes
+    (``reference``, the meme sent, + update), for :func:`validate_update` to check like any
+    meme; why not, or None. ``limit``: the largest payload the mode can need."""
+    if len(m.content.array_records) != 1:
+        return None  # validate_update names what is wrong
+    payload = {k: a.numpy() for k, a in next(iter(m.content.array_records.values())).items()}
+    size = payload_bytes(payload)
+    if size > limit:
+        return (f"encoded update of {size} bytes exceeds the {limit} "
+                f"that compression '{codec.mode.value}' can need")
+    try:
+        update = decode(payload, template, codec)
+    except CompressionError as exc:
+        return f"encoded update does not decode: {exc}"
+    meme = {}
+    for k, ref in reference.items():
+        meme[k] = Array(np.asarray(
+            (ref.astype(np.float64) + update[k]).astype(ref.dtype) if ref.dtype.kind == "f"
+            else ref + update[k]))
+    metrics = next(iter(m.content.metric_records.values()), MetricRecord())
+    m.content = RecordDict({"arrays": ArrayRecord(meme), "metrics": metrics})
     return None
