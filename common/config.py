@@ -26,6 +26,7 @@ from common.options import (
     DistillGate,
     DistillPrior,
     DistillWeighting,
+    DownCompression,
     DpMode,
     Partitioner,
     PrivateStore,
@@ -91,6 +92,7 @@ class Config:
     compression: Compression
     compression_ratio: float
     compression_energy: float
+    compression_down: DownCompression
     resume_from: str
     faults: str
     dp_mode: DpMode

@@ -103,6 +103,13 @@ class DistillPrior(StrEnum):
     SEEN = "seen"  # meme renormalised over the classes the client has, seen ones unchanged
 
 
+class DownCompression(StrEnum):
+    """How the server sends the meme down (run-config ``compression-down``)."""
+
+    NONE = "none"  # float32, as it is
+    FP16 = "fp16"  # floating arrays in half precision: half the bytes down
+
+
 class ClientSampling(StrEnum):
     """How each round picks its share of the clients (run-config ``client-sampling``)."""
 

@@ -25,6 +25,7 @@ from common.options import (
     DistillGate,
     DistillPrior,
     DistillWeighting,
+    DownCompression,
     DpMode,
     Partitioner,
     PrivateStore,
@@ -257,6 +258,10 @@ SCHEMA: tuple[Key, ...] = (
         _in(0, 1, lo_open=True), "a number in (0, 1]"),
     Key("compression-energy", float, 0.95, DEP, "`svd`: share of the squared singular values "
         "kept", _in(0, 1, lo_open=True), "a number in (0, 1]"),
+    Key("compression-down", DownCompression, DownCompression.NONE, DEP,
+        "what the server sends down: `none` (the meme, float32) or `fp16` (its floating "
+        "arrays in half precision, half the bytes; clients train from that rounded meme "
+        "and the server decodes their updates against it)"),
     Key("faults", str, "", DEP, "inject faults (robustness experiments): `raise:P[@R]`, "
         "`nan:P[@R]`, `scaleK:P[@R]` (a poisoning client), `slowS:P[@R]` (a straggler), "
         "P the partition id, R a round (default every round)", _faults,

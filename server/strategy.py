@@ -37,7 +37,7 @@ from flwr.supercore import log
 
 from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
-from common.options import ClientSampling, Compression
+from common.options import ClientSampling, Compression, DownCompression
 from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
@@ -73,7 +73,8 @@ class MemeStrategy(FedAvg):
         self.template: Template = {}
         self.sent_train = 0  # train messages sent this round: DP's m
         self.population = 0  # clients connected when this round sampled
-        self.current_arrays = ArrayRecord()  # the meme sent in the open round
+        self.current_arrays = ArrayRecord()  # the meme of the open round, as the server has it
+        self.sent_reference: State = {}  # and as the clients received it (compression-down)
         self._secure_round: tuple[Grid, list[Message]] | None = None
 
     def ordered(self, grid: Grid) -> OrderedGrid:
@@ -86,6 +87,10 @@ class MemeStrategy(FedAvg):
         """Flower's sampling over clients ordered by key, with a per-round seed."""
         ordered = self.ordered(grid)
         self.population = len(ordered.get_node_ids())
+        self.current_arrays = arrays
+        arrays = self.downlink(arrays)
+        self.sent_reference = {k: a.numpy().astype(self.template[k][1]) if k in self.template
+                               else a.numpy() for k, a in arrays.items()}
         if self.cfg.client_sampling is ClientSampling.CYCLIC:
             msgs = self._cyclic(MessageType.TRAIN, server_round, arrays, config, ordered)
         else:
@@ -93,7 +98,6 @@ class MemeStrategy(FedAvg):
             msgs = list(super().configure_train(server_round, arrays, config, ordered))
         self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
         self.sent_train = len(msgs)
-        self.current_arrays = arrays
         if self.cfg.secure_aggregation:  # sent by SecAgg+ inside aggregate_train
             self._secure_round = (grid, msgs)
             return []
@@ -115,6 +119,14 @@ class MemeStrategy(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
 
+    def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The meme as it goes down: with ``compression-down = "fp16"`` its floating arrays
+        in half precision (clients load them into their float32 models)."""
+        if self.cfg.compression_down is DownCompression.NONE:
+            return arrays
+        return ArrayRecord({k: Array(a.numpy().astype(np.float16)) if a.numpy().dtype.kind == "f"
+                            else a for k, a in arrays.items()})
+
     def _sampling_seed(self, label: str, rnd: int) -> int:
         """The seed of this round's sampling: from ``seed``, except under DP with sampling.
 
@@ -131,6 +143,7 @@ class MemeStrategy(FedAvg):
                            grid: Grid) -> Iterable[Message]:
         """As :meth:`configure_train`, for the evaluation messages."""
         ordered = self.ordered(grid)
+        arrays = self.downlink(arrays)
         if self.cfg.client_sampling is ClientSampling.CYCLIC:
             msgs = self._cyclic(MessageType.EVALUATE, server_round, arrays, config, ordered)
         else:
@@ -164,8 +177,7 @@ class MemeStrategy(FedAvg):
                                 f"min-clients={self.cfg.min_clients}")
         cap = self.max_weight()
         codec = self.cfg.codec
-        reference = ({k: a.numpy() for k, a in self.current_arrays.items()}
-                     if codec.mode is not Compression.NONE else {})
+        reference = self.sent_reference if codec.mode is not Compression.NONE else {}
         limit = (max_payload_bytes(self.template, codec)
                  if codec.mode is not Compression.NONE else 0)
         accepted, rejected, uploaded = [], 0, 0

@@ -243,3 +243,44 @@ def test_combinations_that_cannot_work_are_refused(overrides, needle):
     with pytest.raises(ConfigError, match=needle) as err:
         load_config(overrides)
     assert "'compression" in str(err.value)
+
+
+def test_fp16_downlink_halves_the_bytes_down_and_decodes_against_what_was_sent(
+        tmp_path, monkeypatch):
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from common.config import load_config
+    from server.results import RunLog
+    from server.strategy import build_strategy
+    from server.validate import template_of
+    from tests.test_identity import _Grid
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # as the ServerApp process has them
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    meme = {"w": np.full((2, 3), 0.1, np.float32), "n": np.array(4, np.int64)}
+    cfg = load_config({"algorithm": "fedavg", "compression": "int8",
+                       "compression-down": "fp16", "min-clients": 1,
+                       "output-dir": str(tmp_path), "run-name": "r"})
+    log = RunLog.create(cfg)
+    strat = build_strategy(cfg, log)
+    arrays = ArrayRecord({k: Array(v) for k, v in meme.items()})
+    strat.template = template_of(arrays)
+    log.begin_round(1)
+    msgs = list(strat.configure_train(1, arrays, ConfigRecord({}), _Grid({11: 0, 22: 1})))
+    sent = msgs[0].content["arrays"]
+    assert sent["w"].numpy().dtype == np.float16 and sent["n"].numpy().dtype == np.int64
+    assert sent["w"].numpy()[0, 0] == np.float16(0.1) == 0.0999755859375  # rounded
+    assert sent["w"].numpy().nbytes == 6 * 2  # half of float32's
+    # each client trains from what it received (0.0999755859375) and sends +1.27 in int8
+    received = {"w": sent["w"].numpy().astype(np.float32), "n": meme["n"]}
+    trained = {"w": received["w"] + np.float32(1.27), "n": np.array(5, np.int64)}
+    agg, _ = strat.aggregate_train(1, [_int8_reply(1, received, trained),
+                                       _int8_reply(2, received, trained)])
+    # decoded against the rounded meme, not the server's exact 0.1
+    np.testing.assert_allclose(agg["w"].numpy(), np.full((2, 3), 0.0999755859375 + 1.27),
+                               rtol=0, atol=1e-6)
+    assert abs(float(agg["w"].numpy()[0, 0]) - 1.37) > 1e-5
+    assert agg["w"].numpy().dtype == np.float32  # the server's meme stays float32
+    log.end_round()
+    assert log.records[-1]["bytes_down"] == 2 * sent.count_bytes()  # what went down
