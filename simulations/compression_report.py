@@ -24,10 +24,11 @@ def mode_label(config: dict[str, Any]) -> str:
     """A mode as the run config set it: ``topk 5 %``, ``svd 0.95``, ``int8``."""
     mode = config.get("compression", "none")
     if mode == "topk":
-        return f"topk {100 * config.get('compression-ratio', 0.1):g} %"
-    if mode == "svd":
-        return f"svd {config.get('compression-energy', 0.95):g}"
-    return mode
+        mode = f"topk {100 * config.get('compression-ratio', 0.1):g} %"
+    elif mode == "svd":
+        mode = f"svd {config.get('compression-energy', 0.95):g}"
+    down = config.get("compression-down", "none")
+    return mode if down == "none" else f"{mode}, {down} down"
 
 
 def _final(run: Run, key: str) -> float:
@@ -35,9 +36,9 @@ def _final(run: Run, key: str) -> float:
     return values[-1] if values else float("nan")
 
 
-def bytes_up(run: Run) -> float:
-    """Bytes all clients sent up per round, mean over the run's rounds."""
-    return statistics.mean(r["bytes_up"] for r in run["records"])
+def bytes_up(run: Run, key: str = "bytes_up") -> float:
+    """Bytes all clients sent up (or ``bytes_down``) per round, mean over the rounds."""
+    return statistics.mean(r[key] for r in run["records"])
 
 
 def summarise(modes: dict[str, list[Run]]) -> list[dict[str, Any]]:
@@ -61,6 +62,7 @@ def summarise(modes: dict[str, list[Run]]) -> list[dict[str, Any]]:
         ref = statistics.mean(bytes_up(base[r["seed"]]) for r in paired) if paired else None
         rows.append({
             "mode": mode_label(runs[0]["config"]), "seeds": seeds, "bytes_up": up,
+            "bytes_down": statistics.mean(bytes_up(r, "bytes_down") for r in runs),
             "factor": ref / up if ref else None,
             "private": [_final(r, "local_accuracy") for r in runs],
             "meme": [_final(r, "central_meme_accuracy") for r in runs],
@@ -75,13 +77,15 @@ def _pts(value: float | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The Markdown table of :func:`summarise`'s rows."""
-    out = ["| mode | seeds | MB up / round | fewer bytes | private model (%) | Δ private "
-           "(pts) | meme, central (%) | Δ meme (pts) | meme, personalised (%) |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| mode | seeds | MB up / round | fewer bytes up | MB down / round | private "
+           "model (%) | Δ private (pts) | meme, central (%) | Δ meme (pts) | meme, "
+           "personalised (%) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         factor = "–" if r["factor"] is None else f"{r['factor']:.1f}x"
         out.append(f"| {r['mode']} | {','.join(map(str, r['seeds']))} | "
-                   f"{r['bytes_up'] / 1e6:.2f} | {factor} | {mean_std(r['private'])} | "
+                   f"{r['bytes_up'] / 1e6:.2f} | {factor} | {r['bytes_down'] / 1e6:.2f} | "
+                   f"{mean_std(r['private'])} | "
                    f"{_pts(r['d_private'])} | {mean_std(r['meme'])} | {_pts(r['d_meme'])} | "
                    f"{mean_std(r['meme_personal'])} |")
     return "\n".join(out) + "\n"

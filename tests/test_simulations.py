@@ -183,7 +183,8 @@ def test_compression_table_against_hand_computed_values(tmp_path):
     from simulations.compression_report import plot, summarise, table
 
     def run(seed, mode, up, private, meme, **cfg):
-        recs = [{"bytes_up": b, "local_accuracy": private - 0.1, "meme_accuracy": 0.5,
+        recs = [{"bytes_up": b, "bytes_down": 3e6, "local_accuracy": private - 0.1,
+                 "meme_accuracy": 0.5,
                  "central_meme_accuracy": meme - 0.1} for b in up]
         recs[-1].update(local_accuracy=private, central_meme_accuracy=meme)
         return {"seed": seed, "config": {"compression": mode, **cfg}, "records": recs}
@@ -192,9 +193,12 @@ def test_compression_table_against_hand_computed_values(tmp_path):
                       run(1, "none", [100, 100], 0.92, 0.70)],
              "topk": [run(0, "topk", [12, 8], 0.895, 0.78, **{"compression-ratio": 0.05}),
                       run(1, "topk", [10, 10], 0.925, 0.66, **{"compression-ratio": 0.05})],
-             "int8": [run(1, "int8", [25, 25], 0.91, 0.71), run(2, "int8", [25, 25], 0.5, 0.5)]}
+             "int8": [run(1, "int8", [25, 25], 0.91, 0.71),
+                      run(2, "int8", [25, 25], 0.5, 0.5, **{"compression-down": "fp16"})]}
     rows = summarise(modes)
-    assert [r["mode"] for r in rows] == ["none", "int8", "topk 5 %"]  # by falling bytes
+    # by falling bytes; the label of the first run names the mode (and a compressed downlink)
+    assert [r["mode"] for r in rows] == ["none", "int8", "topk 5 %"]
+    assert summarise({"x": modes["int8"][1:]})[0]["mode"] == "int8, fp16 down"
     none, int8, topk = rows
     assert topk["bytes_up"] == 10 and topk["factor"] == pytest.approx(10.0)
     assert topk["d_private"] == pytest.approx(100 * ((0.895 - 0.90) + (0.925 - 0.92)) / 2)
@@ -204,6 +208,7 @@ def test_compression_table_against_hand_computed_values(tmp_path):
     assert int8["d_private"] == pytest.approx(-1.0) and int8["d_meme"] == pytest.approx(1.0)
     assert none["d_private"] == 0 and none["factor"] == 1
     text = table(rows)
-    assert "| topk 5 % | 0,1 | 0.00 | 10.0x | 91.00 ± 2.12 | +0.00 | 72.00 ± 8.49 | -3.00 |" in text
+    assert ("| topk 5 % | 0,1 | 0.00 | 10.0x | 3.00 | 91.00 ± 2.12 | +0.00 | 72.00 ± 8.49 | "
+            "-3.00 |") in text
     plot(rows, tmp_path / "c.png")
     assert mpimg.imread(tmp_path / "c.png").shape[0] > 200
