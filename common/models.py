@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from common.options import MODEL_NAMES
@@ -24,15 +23,25 @@ class TaskSpec:
     num_classes: int
 
 
-def _flat_dim(features: nn.Module, spec: TaskSpec) -> int:
-    with torch.no_grad():
-        return features(torch.zeros(1, spec.channels, spec.size, spec.size)).numel()
+def _pad(spec: TaskSpec) -> int:
+    """The 5x5 convolutions' padding: none from 16 px up, 2 below (unpadded, they would
+    shrink a small image to nothing)."""
+    return 0 if spec.size >= 16 else 2
+
+
+def _two_conv_flat(spec: TaskSpec, c2: int) -> int:
+    """Features after :func:`_two_conv_features`, by arithmetic: each block maps a side s
+    to (s + 2·pad - 4) // 2. (A dummy forward pass cost tens of ms per model built, four
+    builds per client and round.)"""
+    side = spec.size
+    for _ in range(2):
+        side = (side + 2 * _pad(spec) - 4) // 2
+    return c2 * side * side
 
 
 def _two_conv_features(spec: TaskSpec, c1: int, c2: int) -> nn.Sequential:
-    """Two 5x5 conv + ReLU + 2x2 max-pool blocks, flattened; padded under 16 px, where the
-    unpadded convolutions would shrink the image to nothing."""
-    pad = 0 if spec.size >= 16 else 2
+    """Two 5x5 conv + ReLU + 2x2 max-pool blocks, flattened."""
+    pad = _pad(spec)
     return nn.Sequential(
         nn.Conv2d(spec.channels, c1, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(c1, c2, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
@@ -47,7 +56,7 @@ def cnn(spec: TaskSpec) -> nn.Module:
     """
     features = _two_conv_features(spec, 32, 64)
     return nn.Sequential(
-        features, nn.Linear(_flat_dim(features, spec), 512), nn.ReLU(),
+        features, nn.Linear(_two_conv_flat(spec, 64), 512), nn.ReLU(),
         nn.Linear(512, spec.num_classes),
     )
 
@@ -55,17 +64,14 @@ def cnn(spec: TaskSpec) -> nn.Module:
 def cnn_bn(spec: TaskSpec) -> nn.Module:
     """:func:`cnn` with BatchNorm after each convolution (FedBN's setting): the small model
     whose state holds statistics buffers and an integer counter besides its weights."""
-    pad = 0 if spec.size >= 16 else 2
+    pad = _pad(spec)
     features = nn.Sequential(
         nn.Conv2d(spec.channels, 32, 5, padding=pad), nn.BatchNorm2d(32), nn.ReLU(),
         nn.MaxPool2d(2),
         nn.Conv2d(32, 64, 5, padding=pad), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(),
     )
-    features.eval()  # shape inference must not touch the running statistics
-    flat = _flat_dim(features, spec)
-    features.train()
-    return nn.Sequential(features, nn.Linear(flat, 512), nn.ReLU(),
+    return nn.Sequential(features, nn.Linear(_two_conv_flat(spec, 64), 512), nn.ReLU(),
                          nn.Linear(512, spec.num_classes))
 
 
@@ -82,7 +88,7 @@ def cnn_cifar(spec: TaskSpec) -> nn.Module:
     """The FedAvg paper's CIFAR CNN (TensorFlow tutorial): 2 conv 5x5x64, FC 384, FC 192."""
     features = _two_conv_features(spec, 64, 64)
     return nn.Sequential(
-        features, nn.Linear(_flat_dim(features, spec), 384), nn.ReLU(),
+        features, nn.Linear(_two_conv_flat(spec, 64), 384), nn.ReLU(),
         nn.Linear(384, 192), nn.ReLU(), nn.Linear(192, spec.num_classes),
     )
 

@@ -15,6 +15,14 @@ def test_forward_shape(name, spec):
     assert out.shape == (2, spec.num_classes)
 
 
+@pytest.mark.parametrize("name", ["cnn", "cnn-bn", "cnn-cifar"])
+@pytest.mark.parametrize("size", [5, 8, 9, 15, 16, 17, 28, 31, 32])
+def test_two_conv_models_fit_every_image_side(name, size):
+    """The flattened feature count is computed, not probed: a wrong count fails the FC."""
+    model = build_model(name, TaskSpec(3, size, 7))
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 7)
+
+
 def test_cnn_is_the_pflib_fedavg_cnn_on_28px():
     model = build_model("cnn", TaskSpec(1, 28, 10))
     n = sum(p.numel() for p in model.parameters())
