@@ -105,6 +105,10 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             ax.annotate(r["mode"], (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis_format in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis_format(FormatStrFormatter("%g"))  # 2, 3, 10 rather than 2x10^0
     ax.set_xlabel("MB sent up per round (all clients)")
     ax.set_ylabel("final accuracy (%)")
     ax.grid(alpha=0.3)
