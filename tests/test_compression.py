@@ -284,3 +284,48 @@ def test_fp16_downlink_halves_the_bytes_down_and_decodes_against_what_was_sent(
     assert agg["w"].numpy().dtype == np.float32  # the server's meme stays float32
     log.end_round()
     assert log.records[-1]["bytes_down"] == 2 * sent.count_bytes()  # what went down
+
+
+def _decoding_strategy(tmp_path, **overrides):
+    from flwr.app import Array, ArrayRecord
+
+    from common.config import load_config
+    from server.results import RunLog
+    from server.strategy import build_strategy
+    from server.validate import template_of
+
+    cfg = load_config({"algorithm": "fedavg", "compression": "int8", "min-clients": 1,
+                       "output-dir": str(tmp_path), "run-name": "r", **overrides})
+    log = RunLog.create(cfg)
+    strat = build_strategy(cfg, log)
+    ref = {"w": np.full(4, 1.0, np.float32)}
+    strat.current_arrays = ArrayRecord({k: Array(v) for k, v in ref.items()})
+    strat.template = template_of(strat.current_arrays)
+    strat.sent_reference = ref
+    strat.population = strat.sent_train = 3
+    log.begin_round(1)
+    return strat, ref
+
+
+def test_robust_aggregation_sees_the_decoded_memes(tmp_path):
+    strat, ref = _decoding_strategy(tmp_path, aggregation="median")
+    # updates +1, +2 and +100 on the first entry (each exact in int8: q = 127)
+    replies = [_int8_reply(i + 1, ref, {"w": ref["w"] + np.array([u, 0, 0, 0], np.float32)})
+               for i, u in enumerate((1.0, 2.0, 100.0))]
+    agg, _ = strat.aggregate_train(1, replies)
+    np.testing.assert_allclose(agg["w"].numpy(), [3.0, 1.0, 1.0, 1.0], rtol=1e-6)  # 1 + 2
+
+
+def test_server_dp_clips_the_decoded_updates(tmp_path):
+    from server.privacy import wrap_dp
+
+    strat, ref = _decoding_strategy(tmp_path, aggregation="uniform", **{
+        "dp-mode": "server", "dp-clipping-norm": 1.0, "dp-noise-multiplier": 0.0})
+    strat.population = strat.sent_train = 2
+    dp = wrap_dp(strat)
+    # updates of norm 0.5 (kept) and 10 (clipped to 1), each exact in int8
+    replies = [_int8_reply(1, ref, {"w": ref["w"] + np.array([0.5, 0, 0, 0], np.float32)}),
+               _int8_reply(2, ref, {"w": ref["w"] + np.array([0, 10.0, 0, 0], np.float32)})]
+    agg, _ = dp.aggregate_train(1, replies)
+    # 1 + (0.5, 0) / 2 and 1 + (0, 1) / 2
+    np.testing.assert_allclose(agg["w"].numpy(), [1.25, 1.5, 1.0, 1.0], rtol=1e-6)
