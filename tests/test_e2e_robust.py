@@ -117,9 +117,13 @@ def _interrupt_and_resume(simlink, tmp_path, cfg):
     return full, part, resumed, a, b
 
 
-@pytest.mark.parametrize("algorithm", ["fedavg", "fml"])
-def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm):
-    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67}
+@pytest.mark.parametrize(("algorithm", "extra"), [
+    ("fedavg", {}),
+    # FML with its private models on disk only and int8-compressed updates: the resume
+    # goes through the disk store and the server's decoding
+    ("fml", {"private-store": "disk", "compression": "int8"})])
+def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm, extra):
+    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67, **extra}
     full, _, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
     assert _strip(resumed) == _strip(full)
     per_client = [json.loads((tmp_path / r / "clients.json").read_text())
