@@ -205,6 +205,15 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
 def _check_compression(cfg: Config) -> None:
     """Compression encodes the meme's update: it needs a meme, and a server that sees it."""
     mode = cfg.compression.value
+    down = cfg.compression_down.value
+    if cfg.compression_down is not DownCompression.NONE and not cfg.algorithm.trains_meme:
+        raise ConfigError(f"run-config key 'compression-down' = {down!r} encodes the meme, "
+                          "but algorithm 'local' sends none: expected 'none'")
+    if cfg.compression_down is not DownCompression.NONE and cfg.dp_mode is DpMode.CLIENT:
+        raise ConfigError(f"run-config keys 'compression-down' = {down!r} and 'dp-mode' = "
+                          "'client' cannot be combined: clients clip against the rounded meme "
+                          "they received, the server checks the norm against its own; use "
+                          "dp-mode 'server' or compression-down 'none'")
     if cfg.compression is Compression.NONE:
         return
     if not cfg.algorithm.trains_meme:

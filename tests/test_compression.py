@@ -236,6 +236,9 @@ def test_compress_mod_sends_the_encoded_update_and_keeps_the_residual():
     ({"compression": "int8", "dp-mode": "client", "aggregation": "uniform"}, "'dp-mode'"),
     ({"compression": "svd", "algorithm": "local"}, "sends none"),
     ({"compression-ratio": 0.0}, r"\(0, 1\]"),
+    ({"compression-down": "fp16", "dp-mode": "client", "aggregation": "uniform"},
+     "'dp-mode'"),
+    ({"compression-down": "fp16", "algorithm": "local"}, "sends none"),
 ])
 def test_combinations_that_cannot_work_are_refused(overrides, needle):
     from common.config import ConfigError, load_config
