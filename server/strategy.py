@@ -74,7 +74,6 @@ class MemeStrategy(FedAvg):
         self.sent_train = 0  # train messages sent this round: DP's m
         self.population = 0  # clients connected when this round sampled
         self.current_arrays = ArrayRecord()  # the meme of the open round, as the server has it
-        self.sent_reference: State = {}  # and as the clients received it (compression-down)
         self._secure_round: tuple[Grid, list[Message]] | None = None
 
     def ordered(self, grid: Grid) -> OrderedGrid:
@@ -89,8 +88,6 @@ class MemeStrategy(FedAvg):
         self.population = len(ordered.get_node_ids())
         self.current_arrays = arrays
         arrays = self.downlink(arrays)
-        self.sent_reference = {k: a.numpy().astype(self.template[k][1]) if k in self.template
-                               else a.numpy() for k, a in arrays.items()}
         if self.cfg.client_sampling is ClientSampling.CYCLIC:
             msgs = self._cyclic(MessageType.TRAIN, server_round, arrays, config, ordered)
         else:
@@ -126,6 +123,13 @@ class MemeStrategy(FedAvg):
             return arrays
         return ArrayRecord({k: Array(a.numpy().astype(np.float16)) if a.numpy().dtype.kind == "f"
                             else a for k, a in arrays.items()})
+
+    def sent_reference(self) -> State:
+        """The open round's meme as the clients received it, in the template's dtypes: what
+        their compressed updates are decoded against."""
+        sent = self.downlink(self.current_arrays)
+        return {k: a.numpy().astype(self.template[k][1]) if k in self.template else a.numpy()
+                for k, a in sent.items()}
 
     def _sampling_seed(self, label: str, rnd: int) -> int:
         """The seed of this round's sampling: from ``seed``, except under DP with sampling.
@@ -177,7 +181,7 @@ class MemeStrategy(FedAvg):
                                 f"min-clients={self.cfg.min_clients}")
         cap = self.max_weight()
         codec = self.cfg.codec
-        reference = self.sent_reference if codec.mode is not Compression.NONE else {}
+        reference = self.sent_reference() if codec.mode is not Compression.NONE else {}
         limit = (max_payload_bytes(self.template, codec)
                  if codec.mode is not Compression.NONE else 0)
         accepted, rejected, uploaded = [], 0, 0

@@ -304,7 +304,6 @@ def _decoding_strategy(tmp_path, **overrides):
     ref = {"w": np.full(4, 1.0, np.float32)}
     strat.current_arrays = ArrayRecord({k: Array(v) for k, v in ref.items()})
     strat.template = template_of(strat.current_arrays)
-    strat.sent_reference = ref
     strat.population = strat.sent_train = 3
     log.begin_round(1)
     return strat, ref
