@@ -216,13 +216,16 @@ def stored_model(context: Context, cfg: Config, node: NodeInfo) -> dict[str, np.
     return {k: v.numpy() for k, v in read_state_file(path)["model"].items()}
 
 
+def _arrays_file(node: NodeInfo, name: str) -> Path:
+    return Path(node.state_dir).expanduser().resolve() / f"{name}-{node.client_key}.npz"
+
+
 def keep_arrays(context: Context, cfg: Config, node: NodeInfo, name: str,
                 arrays: dict[str, np.ndarray], lineage: str) -> None:
     """Other per-node arrays the next round needs (top-k's residual), kept where the
     private model is: in the node's state, or beside the state file with ``disk``."""
     if cfg.private_store is PrivateStore.DISK:
-        save_arrays(Path(node.state_dir).expanduser().resolve()
-                    / f"{name}-{node.client_key}.npz", arrays, lineage)
+        save_arrays(_arrays_file(node, name), arrays, lineage)
     else:
         context.state[name] = ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()})
 
@@ -231,8 +234,7 @@ def kept_arrays(context: Context, cfg: Config, node: NodeInfo, name: str,
                 lineage: str) -> dict[str, np.ndarray] | None:
     """What :func:`keep_arrays` kept in this run, or None."""
     if cfg.private_store is PrivateStore.DISK:
-        return load_arrays(Path(node.state_dir).expanduser().resolve()
-                           / f"{name}-{node.client_key}.npz", lineage)
+        return load_arrays(_arrays_file(node, name), lineage)
     record = context.state.array_records.get(name)
     return {k: a.numpy() for k, a in record.items()} if record is not None else None
 

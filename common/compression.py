@@ -220,8 +220,6 @@ def _decode_array(key: str, got: Mapping[str, np.ndarray], shape: tuple[int, ...
         return got["int"].copy()
     if "fp16" in got:
         return got["fp16"].astype(dtype)
-    if "q" in got and "idx" not in got and "mask" not in got:
-        return (got["q"].astype(np.float32) * got["scale"][0]).astype(dtype)
     if "idx" in got or "mask" in got:
         values = got["q"].astype(np.float32) * got["scale"][0]
         if "idx" in got:
@@ -238,6 +236,8 @@ def _decode_array(key: str, got: Mapping[str, np.ndarray], shape: tuple[int, ...
         flat = np.zeros(size, dtype)
         flat[idx] = values
         return flat.reshape(shape)
+    if "q" in got:
+        return (got["q"].astype(np.float32) * got["scale"][0]).astype(dtype)
     if "full" in got:
         return got["full"].astype(dtype)
     us, v = got["us"], got["v"]

@@ -83,22 +83,33 @@ class MemeStrategy(FedAvg):
     # ------------------------------------------------------------------ configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Flower's sampling over clients ordered by key, with a per-round seed."""
-        ordered = self.ordered(grid)
-        self.population = len(ordered.get_node_ids())
+        """The sampled clients' train messages (see :meth:`_send`)."""
         self.current_arrays = arrays
-        arrays = self.downlink(arrays)
-        if self.cfg.client_sampling is ClientSampling.CYCLIC:
-            msgs = self._cyclic(MessageType.TRAIN, server_round, arrays, config, ordered)
-        else:
-            random.seed(self._sampling_seed("sample-train", server_round))
-            msgs = list(super().configure_train(server_round, arrays, config, ordered))
-        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
+        msgs, self.population = self._send(MessageType.TRAIN, server_round, arrays, config,
+                                           grid)
         self.sent_train = len(msgs)
         if self.cfg.secure_aggregation:  # sent by SecAgg+ inside aggregate_train
             self._secure_round = (grid, msgs)
             return []
         return msgs
+
+    def _send(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+              grid: Grid) -> tuple[list[Message], int]:
+        """The round's messages of ``kind`` and the clients they were sampled from: the meme
+        as it goes down (:meth:`downlink`), to clients ordered by key and sampled by
+        Flower's sampler with a per-round seed, or cyclically; counted in ``bytes_down``."""
+        ordered = self.ordered(grid)
+        arrays = self.downlink(arrays)
+        train = kind == MessageType.TRAIN
+        if self.cfg.client_sampling is ClientSampling.CYCLIC:
+            msgs = self._cyclic(kind, server_round, arrays, config, ordered)
+        else:
+            random.seed(self._sampling_seed("sample-train" if train else "sample-evaluate",
+                                            server_round))
+            configure = super().configure_train if train else super().configure_evaluate
+            msgs = list(configure(server_round, arrays, config, ordered))
+        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
+        return msgs, len(ordered.get_node_ids())
 
     def _cyclic(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                 ordered: OrderedGrid) -> list[Message]:
@@ -121,8 +132,11 @@ class MemeStrategy(FedAvg):
         in half precision (clients load them into their float32 models)."""
         if self.cfg.compression_down is DownCompression.NONE:
             return arrays
-        return ArrayRecord({k: Array(a.numpy().astype(np.float16)) if a.numpy().dtype.kind == "f"
-                            else a for k, a in arrays.items()})
+        half = {}
+        for k, a in arrays.items():
+            v = a.numpy()
+            half[k] = Array(v.astype(np.float16)) if v.dtype.kind == "f" else a
+        return ArrayRecord(half)
 
     def sent_reference(self) -> State:
         """The open round's meme as the clients received it, in the template's dtypes: what
@@ -145,16 +159,8 @@ class MemeStrategy(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """As :meth:`configure_train`, for the evaluation messages."""
-        ordered = self.ordered(grid)
-        arrays = self.downlink(arrays)
-        if self.cfg.client_sampling is ClientSampling.CYCLIC:
-            msgs = self._cyclic(MessageType.EVALUATE, server_round, arrays, config, ordered)
-        else:
-            random.seed(self._sampling_seed("sample-evaluate", server_round))
-            msgs = list(super().configure_evaluate(server_round, arrays, config, ordered))
-        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
-        return msgs
+        """The sampled clients' evaluate messages (see :meth:`_send`)."""
+        return self._send(MessageType.EVALUATE, server_round, arrays, config, grid)[0]
 
     # ------------------------------------------------------------------ aggregate
     def max_weight(self) -> float | None:
