@@ -8,6 +8,8 @@ injected faults, the wire audit.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,6 +21,7 @@ from client.secure import legacy_mod
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
 from common.models import TaskSpec, build_model
+from common.profiling import phase
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device
 from common.training import (
@@ -106,25 +109,30 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
-    data = _client_data(cfg, node, spec)
+    step = partial(phase, "client", server_round=server_round, client=node.client_key)
+    with step("train.data"):
+        data = _client_data(cfg, node, spec)
     device = resolve_device(cfg.device)
     algo = cfg.algorithm
-    meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
-    opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh every round
     lineage = str(config.get("lineage", ""))
-    priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
-            if algo.trains_local else None)
+    with step("train.models-in"):
+        meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
+        opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh each round
+        priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
+                if algo.trains_local else None)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
-    stats = train_epochs(priv.model if priv else None, meme, priv.optimizer if priv else None,
-                         opt_meme, data.x_train, data.y_train, _hyper(cfg, config, priv), gen,
-                         device)
-    if priv is not None:
-        priv.mix = stats.mix if stats.mix is not None else priv.mix
-        priv.node_round += 1
-        priv.server_round, priv.lineage = server_round, lineage
-        private.store(context, cfg, priv, node)
-    arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
+    with step("train.sgd"):
+        stats = train_epochs(priv.model if priv else None, meme,
+                             priv.optimizer if priv else None, opt_meme, data.x_train,
+                             data.y_train, _hyper(cfg, config, priv), gen, device)
+    with step("train.models-out"):
+        if priv is not None:
+            priv.mix = stats.mix if stats.mix is not None else priv.mix
+            priv.node_round += 1
+            priv.server_round, priv.lineage = server_round, lineage
+            private.store(context, cfg, priv, node)
+        arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
     return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(_train_metrics(stats))}),
                    reply_to=msg)
 
@@ -136,20 +144,25 @@ def evaluate_both(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
-    data = _client_data(cfg, node, spec)
     device = resolve_device(cfg.device)
+    step = partial(phase, "client", server_round=int(config["server-round"]),
+                   client=node.client_key)
+    with step("evaluate.data"):
+        data = _client_data(cfg, node, spec)
     metrics: dict[str, float | int] = {"num-examples": len(data.y_test)}
-    if cfg.algorithm.trains_local:
-        priv = private.restore(context, cfg, node, spec, device, str(config.get("lineage", "")),
-                               int(config["server-round"]))
-        loss, acc = evaluate(priv.model, data.x_test, data.y_test, device)
-        metrics.update({"local-loss": loss, "local-accuracy": acc})
-    if cfg.algorithm.trains_meme:
-        meme = _meme(cfg, spec, msg.content["arrays"], device)
-        loss, acc = evaluate(meme, data.x_test, data.y_test, device)
-        metrics.update({"meme-loss": loss, "meme-accuracy": acc})
-    if cfg.personal_mix:  # the client's personalised model: its mixture of the two
-        loss, acc = evaluate_mixture(priv.model, meme, priv.mix, data.x_test, data.y_test,
-                                     device)
-        metrics.update({"mix-loss": loss, "mix-accuracy": acc, "mix-weight": priv.mix})
+    with step("evaluate.models-in"):
+        priv = (private.restore(context, cfg, node, spec, device, str(config.get("lineage", "")),
+                                int(config["server-round"]))
+                if cfg.algorithm.trains_local else None)
+        meme = (_meme(cfg, spec, msg.content["arrays"], device) if cfg.algorithm.trains_meme
+                else None)
+    with step("evaluate.forward"):
+        for name, model in (("local", priv.model if priv else None), ("meme", meme)):
+            if model is not None:
+                loss, acc = evaluate(model, data.x_test, data.y_test, device)
+                metrics.update({f"{name}-loss": loss, f"{name}-accuracy": acc})
+        if cfg.personal_mix:  # the client's personalised model: its mixture of the two
+            loss, acc = evaluate_mixture(priv.model, meme, priv.mix, data.x_test, data.y_test,
+                                         device)
+            metrics.update({"mix-loss": loss, "mix-accuracy": acc, "mix-weight": priv.mix})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -68,12 +68,13 @@ class SimLink:
         raise RuntimeError("superlink did not open its port in 60 s")
 
     def command(self, run_config: dict[str, Any], supernodes: int, cpus_per_client: int = 1,
-                gpus_per_client: float = 0) -> list[str]:
-        """The ``flwr run . sim --stream`` command line for these overrides."""
+                gpus_per_client: float = 0, app: Path = ROOT) -> list[str]:
+        """The ``flwr run APP sim --stream`` command line for these overrides (``app``:
+        this project, or another checkout of it)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         federation = (f"num-supernodes={supernodes} client-resources-num-cpus={cpus_per_client}"
                       f" client-resources-num-gpus={gpus_per_client}")
-        return [str(BIN / "flwr"), "run", str(ROOT), "sim", "--stream",
+        return [str(BIN / "flwr"), "run", str(app), "sim", "--stream",
                 "--federation-config", federation, "--run-config", overrides]
 
     def last_status(self) -> tuple[str, str]:
@@ -88,7 +89,7 @@ class SimLink:
         return str(last.get("status", "")), str(last.get("status-details", ""))
 
     def run(self, run_config: dict[str, Any], supernodes: int = 3, timeout: float = 900,
-            **resources: float) -> str:
+            **resources: Any) -> str:
         """Run to the end; returns everything it printed."""
         out = subprocess.run(self.command(run_config, supernodes, **resources), env=self.env,
                              capture_output=True, text=True, timeout=timeout, cwd=self.home)

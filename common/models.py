@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from common.options import MODEL_NAMES
@@ -39,13 +42,64 @@ def _two_conv_flat(spec: TaskSpec, c2: int) -> int:
     return c2 * side * side
 
 
+class _ChannelsLastMaxPool(torch.autograd.Function):
+    """2x2 max-pooling through the channels-last kernel; the gradient comes back in the
+    input's own layout (a channels-last gradient would send BatchNorm's backward down a
+    different summation order)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out, idx = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 2,
+                                return_indices=True)
+        ctx.save_for_backward(idx)
+        ctx.input_shape = x.shape
+        return out.contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        (idx,) = ctx.saved_tensors
+        n, c, h, w = ctx.input_shape
+        # windows do not overlap: each input element gets at most one output's gradient
+        return grad.new_zeros(n, c, h * w).scatter_(
+            2, idx.contiguous().view(n, c, -1), grad.contiguous().view(n, c, -1)
+        ).view(n, c, h, w)
+
+
+class MaxPool2x2(nn.MaxPool2d):
+    """2x2 max-pooling, run in channels-last layout on the CPU.
+
+    PyTorch's CPU max-pool kernel for the default (NCHW) layout is an order of magnitude
+    slower than its channels-last kernel (here 1.05 ms vs 0.07 ms for a 10x32x24x24 batch,
+    a fifth of a ``cnn`` training step). Both pick the first maximum of each window (NaN
+    wins), so the values, the indices and hence the gradients are the same bit for bit.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if x.device.type != "cpu" or x.dim() != 4:
+            return super().forward(x)
+        return _ChannelsLastMaxPool.apply(x)
+
+
+def _conv_block(c_in: int, c_out: int, pad: int, batch_norm: bool = False) -> list[nn.Module]:
+    """5x5 conv (+ BatchNorm), 2x2 max-pool, ReLU.
+
+    Pooling before the ReLU is the same function as after it (ReLU is monotone, so
+    max(relu(a)) = relu(max(a))), with the same gradient: where the window's maximum is
+    positive both route it to the first maximum, elsewhere both give zero. The ReLU then
+    touches a quarter of the values. The parameter names are those of conv, ReLU, pool.
+    """
+    norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+    return [nn.Conv2d(c_in, c_out, 5, padding=pad), *norm, MaxPool2x2(), nn.ReLU()]
+
+
 def _two_conv_features(spec: TaskSpec, c1: int, c2: int) -> nn.Sequential:
-    """Two 5x5 conv + ReLU + 2x2 max-pool blocks, flattened."""
+    """Two 5x5 conv + 2x2 max-pool + ReLU blocks, flattened."""
     pad = _pad(spec)
-    return nn.Sequential(
-        nn.Conv2d(spec.channels, c1, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(c1, c2, 5, padding=pad), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-    )
+    return nn.Sequential(*_conv_block(spec.channels, c1, pad), *_conv_block(c1, c2, pad),
+                         nn.Flatten())
 
 
 def cnn(spec: TaskSpec) -> nn.Module:
@@ -65,12 +119,8 @@ def cnn_bn(spec: TaskSpec) -> nn.Module:
     """:func:`cnn` with BatchNorm after each convolution (FedBN's setting): the small model
     whose state holds statistics buffers and an integer counter besides its weights."""
     pad = _pad(spec)
-    features = nn.Sequential(
-        nn.Conv2d(spec.channels, 32, 5, padding=pad), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 5, padding=pad), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(),
-    )
+    features = nn.Sequential(*_conv_block(spec.channels, 32, pad, batch_norm=True),
+                             *_conv_block(32, 64, pad, batch_norm=True), nn.Flatten())
     return nn.Sequential(features, nn.Linear(_two_conv_flat(spec, 64), 512), nn.ReLU(),
                          nn.Linear(512, spec.num_classes))
 

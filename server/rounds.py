@@ -8,6 +8,7 @@ closed and checkpointed after its evaluation, as its own steps.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from logging import INFO
 
 from flwr.app import ArrayRecord, ConfigRecord
@@ -15,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
+from common.profiling import phase
 from server.results import RunLog
 
 
@@ -27,21 +29,28 @@ def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int,
     for rnd in range(first, last + 1):
         log(INFO, "fedmutual: round %d of %d", rnd, last)
         run_log.begin_round(rnd)
+        step = partial(phase, "server", server_round=rnd)  # timed with FEDMUTUAL_PROFILE
         # 1. identify new nodes, sample by client key, send the meme (SecAgg+: sent in 3.)
-        messages = strategy.configure_train(rnd, meme, train_config, grid)
+        with step("configure-train"):
+            messages = strategy.configure_train(rnd, meme, train_config, grid)
         # 2. the sampled clients train their private model and the meme, reply the meme
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        with step("train-exchange"):
+            replies = grid.send_and_receive(messages, timeout=timeout)
         # 3. validate, aggregate by the configured rule (SecAgg+'s sum; DP: clip, noise,
         #    account), record the round's training numbers
-        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        with step("aggregate"):
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
         meme = aggregated if aggregated is not None else meme
         # 4. the sampled clients evaluate both models on their own test split
-        messages = strategy.configure_evaluate(rnd, meme, evaluate_config, grid)
-        strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout))
+        with step("evaluate-exchange"):
+            messages = strategy.configure_evaluate(rnd, meme, evaluate_config, grid)
+            strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout))
         # 5. the meme on the central test set
-        evaluate_central(meme)
+        with step("central-evaluation"):
+            evaluate_central(meme)
         # 6. close the round: metrics.json, clients.json, TensorBoard
-        run_log.end_round()
         # 7. checkpoint: a resumed run continues after this round
-        checkpoint(rnd, meme)
+        with step("results-and-checkpoint"):
+            run_log.end_round()
+            checkpoint(rnd, meme)
     return meme

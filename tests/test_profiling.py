@@ -1,0 +1,59 @@
+"""The round profiler: phases land in files only when asked, and the table adds them up
+as hand-computed here."""
+
+import json
+
+from common.profiling import ENV, phase, read_phases
+from simulations.bench_round import differences, profile_table
+
+
+def test_phase_writes_nothing_unless_the_env_names_a_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    with phase("client", "train.sgd", 1, client=3):
+        pass
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv(ENV, str(tmp_path / "prof"))
+    with phase("client", "train.sgd", 2, client=3):
+        sum(range(10_000))
+    try:
+        with phase("server", "aggregate", 2):
+            raise ValueError("a failing phase is still timed")
+    except ValueError:
+        pass
+    lines = read_phases(tmp_path / "prof")
+    assert sorted((x["role"], x["phase"], x["round"], x["client"]) for x in lines) == [
+        ("client", "train.sgd", 2, 3), ("server", "aggregate", 2, None)]
+    assert all(x["seconds"] > 0 for x in lines)
+
+
+def test_profile_table_against_hand_computed_seconds():
+    rows = [{"role": "server", "phase": "train-exchange", "round": r, "client": None,
+             "seconds": s} for r, s in ((1, 100.0), (2, 10.0), (3, 14.0))]
+    rows += [{"role": "server", "phase": "evaluate-exchange", "round": 2, "client": None,
+              "seconds": 3.0}]
+    # round 2: two clients train 4 s + 6 s, round 3: 8 s + 2 s; round 1 is left out
+    rows += [{"role": "client", "phase": "train.sgd", "round": r, "client": c, "seconds": s}
+             for r, c, s in ((1, 0, 50.0), (2, 0, 4.0), (2, 1, 6.0), (3, 0, 8.0), (3, 1, 2.0))]
+    rows += [{"role": "client", "phase": "evaluate.forward", "round": 2, "client": 0,
+              "seconds": 2.0}]
+    table = {name.strip(): secs for name, secs, _ in profile_table(rows, [2, 3], workers=2)}
+    assert table["train-exchange"] == 12.0  # (10 + 14) / 2
+    assert table["train.sgd"] == 5.0  # (10 + 10) / 2 rounds / 2 workers
+    assert table["train-exchange: messaging, scheduling, idle workers"] == 7.0
+    assert table["evaluate-exchange"] == 1.5  # 3 s in round 2, none in round 3
+    assert table["evaluate.forward"] == 0.5  # 2 s / 2 rounds / 2 workers
+    assert table["evaluate-exchange: messaging, scheduling, idle workers"] == 1.0
+    assert table["aggregate"] == 0.0
+
+
+def test_differences_ignore_seconds_only():
+    a = {"records": [{"round": 1, "seconds": 5.0, "local_accuracy": 0.5}],
+         "clients": [{"round": 1, "clients": [{"key": 0}]}]}
+    same = json.loads(json.dumps(a))
+    same["records"][0]["seconds"] = 2.0
+    assert differences(a, same) == []
+    other = json.loads(json.dumps(same))
+    other["records"][0]["local_accuracy"] = 0.5000001
+    other["clients"][0]["clients"][0]["key"] = 1
+    assert differences(a, other) == ["round 1 local_accuracy: 0.5 vs 0.5000001",
+                                     "clients.json differs"]
