@@ -57,3 +57,21 @@ def test_differences_ignore_seconds_only():
     other["clients"][0]["clients"][0]["key"] = 1
     assert differences(a, other) == ["round 1 local_accuracy: 0.5 vs 0.5000001",
                                      "clients.json differs"]
+
+
+def test_export_commit_writes_that_commits_tree_and_refuses_a_bad_ref(tmp_path):
+    import subprocess
+
+    import pytest
+
+    from common.flwr_local import ROOT
+    from simulations.bench_round import export_commit
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert export_commit("HEAD", tmp_path / "tree") == head
+    shown = subprocess.run(["git", "show", "HEAD:server/rounds.py"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    assert (tmp_path / "tree" / "server" / "rounds.py").read_text() == shown
+    with pytest.raises(SystemExit, match="--baseline-ref 'no-such-ref' is not a commit"):
+        export_commit("no-such-ref", tmp_path / "other")
