@@ -75,3 +75,21 @@ def test_export_commit_writes_that_commits_tree_and_refuses_a_bad_ref(tmp_path):
     assert (tmp_path / "tree" / "server" / "rounds.py").read_text() == shown
     with pytest.raises(SystemExit, match="--baseline-ref 'no-such-ref' is not a commit"):
         export_commit("no-such-ref", tmp_path / "other")
+
+
+def test_bench_device_measures_every_device_present(tmp_path, monkeypatch):
+    import sys
+
+    import torch
+
+    from simulations import bench_device
+
+    out = tmp_path / "device.json"
+    monkeypatch.setattr(sys, "argv", ["bench_device", "--batch-sizes", "4", "--steps", "3",
+                                      "--json", str(out)])
+    bench_device.main()
+    result = json.loads(out.read_text())
+    (row,) = result["results"]
+    assert row["batch_size"] == 4 and row["samples_per_second"]["cpu"] > 0
+    assert ("cuda" in row["samples_per_second"]) == torch.cuda.is_available()
+    assert (row["gpu_over_cpu"] is None) == (not torch.cuda.is_available())
