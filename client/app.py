@@ -122,7 +122,7 @@ def train(msg: Message, context: Context) -> Message:
                 if algo.trains_local else None)
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
-    with step("train.sgd"):
+    with step("train.sgd", device=str(device)):
         stats = train_epochs(priv.model if priv else None, meme,
                              priv.optimizer if priv else None, opt_meme, data.x_train,
                              data.y_train, _hyper(cfg, config, priv), gen, device)

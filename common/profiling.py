@@ -19,8 +19,10 @@ ENV = "FEDMUTUAL_PROFILE"
 
 
 @contextmanager
-def phase(role: str, name: str, server_round: int, client: int | None = None) -> Iterator[None]:
-    """Time the enclosed block as ``name`` of ``server_round`` (and ``client``) if profiling."""
+def phase(role: str, name: str, server_round: int, client: int | None = None,
+          **labels: str) -> Iterator[None]:
+    """Time the enclosed block as ``name`` of ``server_round`` (and ``client``) if profiling;
+    ``labels`` (e.g. the device a client trained on) go into its line."""
     folder = os.environ.get(ENV, "")
     if not folder:
         yield
@@ -31,7 +33,7 @@ def phase(role: str, name: str, server_round: int, client: int | None = None) ->
     finally:
         seconds = time.perf_counter() - start
         line = {"role": role, "phase": name, "round": server_round, "client": client,
-                "seconds": seconds, "end": time.time(), "pid": os.getpid()}
+                "seconds": seconds, "end": time.time(), "pid": os.getpid(), **labels}
         path = Path(folder) / f"{role}-{os.getpid()}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:  # one small line per append: no torn records

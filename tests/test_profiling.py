@@ -3,6 +3,8 @@ as hand-computed here."""
 
 import json
 
+import pytest
+
 from common.profiling import ENV, phase, read_phases
 from simulations.bench_round import differences, profile_table
 
@@ -13,7 +15,7 @@ def test_phase_writes_nothing_unless_the_env_names_a_folder(tmp_path, monkeypatc
         pass
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setenv(ENV, str(tmp_path / "prof"))
-    with phase("client", "train.sgd", 2, client=3):
+    with phase("client", "train.sgd", 2, client=3, device="cpu"):
         sum(range(10_000))
     try:
         with phase("server", "aggregate", 2):
@@ -24,6 +26,7 @@ def test_phase_writes_nothing_unless_the_env_names_a_folder(tmp_path, monkeypatc
     assert sorted((x["role"], x["phase"], x["round"], x["client"]) for x in lines) == [
         ("client", "train.sgd", 2, 3), ("server", "aggregate", 2, None)]
     assert all(x["seconds"] > 0 for x in lines)
+    assert [x.get("device") for x in lines if x["role"] == "client"] == ["cpu"]
 
 
 def test_profile_table_against_hand_computed_seconds():
@@ -62,8 +65,6 @@ def test_differences_ignore_seconds_only():
 def test_export_commit_writes_that_commits_tree_and_refuses_a_bad_ref(tmp_path):
     import subprocess
 
-    import pytest
-
     from common.flwr_local import ROOT
     from simulations.bench_round import export_commit
 
@@ -93,3 +94,32 @@ def test_bench_device_measures_every_device_present(tmp_path, monkeypatch):
     assert row["batch_size"] == 4 and row["samples_per_second"]["cpu"] > 0
     assert ("cuda" in row["samples_per_second"]) == torch.cuda.is_available()
     assert (row["gpu_over_cpu"] is None) == (not torch.cuda.is_available())
+
+
+@pytest.mark.e2e
+def test_a_real_simulation_profiles_every_phase_of_every_round(tmp_path):
+    """FEDMUTUAL_PROFILE through a real ``flwr run``: the ServerApp's six steps per round,
+    and each client's train and evaluate phases, on the CPU, inside the exchange."""
+    from common.flwr_local import SimLink
+
+    pytest.importorskip("ray")
+    folder = tmp_path / "profile"
+    with SimLink(tmp_path / "home", env={ENV: str(folder)}) as link:
+        link.run({"dataset": "digits", "meme-model": "mlp", "local-model": "mlp",
+                  "num-server-rounds": 2, "output-dir": str(tmp_path), "run-name": "p"}, 3)
+    assert json.loads((tmp_path / "p" / "metrics.json").read_text())[-1]["round"] == 2
+    lines = read_phases(folder)
+    server = [(x["round"], x["phase"]) for x in lines if x["role"] == "server"]
+    steps = ["configure-train", "train-exchange", "aggregate", "evaluate-exchange",
+             "central-evaluation", "results-and-checkpoint"]
+    assert server == [(r, s) for r in (1, 2) for s in steps]
+    for rnd in (1, 2):
+        sgd = [x for x in lines if x["phase"] == "train.sgd" and x["round"] == rnd]
+        assert sorted(x["client"] for x in sgd) == [0, 1, 2]
+        assert {x["device"] for x in sgd} == {"cpu"}
+        evaluated = [x["client"] for x in lines
+                     if x["phase"] == "evaluate.forward" and x["round"] == rnd]
+        assert sorted(evaluated) == [0, 1, 2]
+        exchange = next(x for x in lines if x["role"] == "server" and x["round"] == rnd
+                        and x["phase"] == "train-exchange")
+        assert all(x["end"] <= exchange["end"] for x in sgd)  # timed inside the exchange
