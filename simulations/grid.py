@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,22 @@ class Job:
             return 0
 
 
+def set_aside_unfinished_state(job: Job) -> Path | None:
+    """Before a fresh start: private state left by an attempt that was stopped before its
+    first checkpoint belongs to no round the server kept, and clients rightly refuse it
+    (it is newer than the server's round 0). It is moved aside to
+    ``private-state.unfinished``, not deleted; returns where it went, or None."""
+    if not job.state_dir.exists():
+        return None
+    aside = job.state_dir.with_name("private-state.unfinished")
+    if aside.exists():
+        shutil.rmtree(aside)
+    job.state_dir.rename(aside)
+    print(f"{job.run_dir}: no checkpoint, so its private state from an unfinished first "
+          f"round was moved to {aside}", flush=True)
+    return aside
+
+
 def _progress(job: Job, index: int, total: int, rounds: int, stop: threading.Event,
               started: float, grid_eta) -> None:
     seen = job.rounds_done()
@@ -121,6 +138,7 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
                 print(f"[{i}/{len(jobs)}] resuming {job.run_dir} after round "
                       f"{job.rounds_done()}", flush=True)
             else:
+                set_aside_unfinished_state(job)
                 print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: start",
                       flush=True)
             remaining_jobs = len(jobs) - i

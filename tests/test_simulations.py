@@ -212,3 +212,21 @@ def test_compression_table_against_hand_computed_values(tmp_path):
             "-3.00 |") in text
     plot(rows, tmp_path / "c.png")
     assert mpimg.imread(tmp_path / "c.png").shape[0] > 200
+
+
+def test_a_fresh_start_sets_aside_state_left_by_an_attempt_without_checkpoint(tmp_path):
+    """Killed during round 1: state files exist, no checkpoint. The restart must not meet
+    them (clients refuse state newer than the server's round), and they are kept aside."""
+    from simulations.grid import set_aside_unfinished_state
+
+    job = Job("p", "fml", 2, tmp_path)
+    assert set_aside_unfinished_state(job) is None  # nothing there: nothing to do
+    job.state_dir.mkdir(parents=True)
+    (job.state_dir / "private-0.pt").write_bytes(b"round 1 of a killed attempt")
+    aside = set_aside_unfinished_state(job)
+    assert not job.state_dir.exists()
+    assert (aside / "private-0.pt").read_bytes() == b"round 1 of a killed attempt"
+    job.state_dir.mkdir()
+    (job.state_dir / "private-1.pt").write_bytes(b"a second killed attempt")
+    assert set_aside_unfinished_state(job) == aside  # the older leftover is replaced
+    assert sorted(p.name for p in aside.iterdir()) == ["private-1.pt"]
