@@ -145,14 +145,14 @@ def evaluate_both(msg: Message, context: Context) -> Message:
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
     device = resolve_device(cfg.device)
-    step = partial(phase, "client", server_round=int(config["server-round"]),
-                   client=node.client_key)
+    server_round = int(config["server-round"])
+    step = partial(phase, "client", server_round=server_round, client=node.client_key)
     with step("evaluate.data"):
         data = _client_data(cfg, node, spec)
     metrics: dict[str, float | int] = {"num-examples": len(data.y_test)}
     with step("evaluate.models-in"):
         priv = (private.restore(context, cfg, node, spec, device, str(config.get("lineage", "")),
-                                int(config["server-round"]))
+                                server_round)
                 if cfg.algorithm.trains_local else None)
         meme = (_meme(cfg, spec, msg.content["arrays"], device) if cfg.algorithm.trains_meme
                 else None)

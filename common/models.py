@@ -70,7 +70,7 @@ class MaxPool2x2(nn.MaxPool2d):
 
     PyTorch's CPU max-pool kernel for the default (NCHW) layout is an order of magnitude
     slower than its channels-last kernel (here 1.05 ms vs 0.07 ms for a 10x32x24x24 batch,
-    a fifth of a ``cnn`` training step). Both pick the first maximum of each window (NaN
+    about a sixth of a ``cnn`` training step). Both pick the first maximum of each window (NaN
     wins), so the values, the indices and hence the gradients are the same bit for bit.
     """
 

@@ -1,4 +1,4 @@
-"""Wall-clock phases of a round, for ``simulations/profile_round.py``.
+"""Wall-clock phases of a round, for ``simulations/bench_round.py``.
 
 Off unless the environment variable ``FEDMUTUAL_PROFILE`` names a folder: then every
 process (the ServerApp, each simulated client) appends one JSON line per phase to
