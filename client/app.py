@@ -21,6 +21,7 @@ from client.secure import legacy_mod
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
 from common.models import TaskSpec, build_model
+from common.options import Precision
 from common.profiling import phase
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device
@@ -68,7 +69,9 @@ def _hyper(cfg: Config, config: ConfigRecord, priv: private.PrivateModel | None)
                  proximal_mu=float(config.get("proximal-mu", 0.0)),
                  batch_size=cfg.batch_size, epochs=cfg.local_epochs, distill=cfg.distill,
                  mix=priv.mix if cfg.personal_mix and priv is not None else None,
-                 mix_lr=cfg.lr)
+                 mix_lr=cfg.lr,
+                 autocast=torch.bfloat16 if cfg.precision is Precision.BF16 else None,
+                 compile=cfg.torch_compile)
 
 
 def _train_metrics(stats: TrainStats) -> dict[str, float | int]:

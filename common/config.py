@@ -29,6 +29,7 @@ from common.options import (
     DownCompression,
     DpMode,
     Partitioner,
+    Precision,
     PrivateStore,
 )
 from common.schema import BY_NAME, SCHEMA, Key, floats
@@ -86,6 +87,9 @@ class Config:
     test_fraction: float
     seed: int
     device: str
+    precision: Precision
+    torch_compile: bool
+    evaluate_every: int
     state_dir: str
     private_store: PrivateStore
     reset_private: bool

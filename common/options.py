@@ -117,6 +117,13 @@ class ClientSampling(StrEnum):
     CYCLIC = "cyclic"  # passes over a seeded shuffle: every client once per pass
 
 
+class Precision(StrEnum):
+    """The arithmetic of local training's forward passes (run-config ``precision``)."""
+
+    FP32 = "fp32"  # float32 throughout
+    BF16 = "bf16"  # forward and losses under bfloat16 autocast; weights, grads, SGD in float32
+
+
 class PrivateStore(StrEnum):
     """Where a client keeps its private model between rounds (run-config ``private-store``)."""
 

@@ -28,6 +28,7 @@ from common.options import (
     DownCompression,
     DpMode,
     Partitioner,
+    Precision,
     PrivateStore,
 )
 
@@ -138,6 +139,17 @@ SCHEMA: tuple[Key, ...] = (
         f"empty or a comma list of {_MODELS}"),
     Key("device", str, "auto", T, "`auto`: CUDA when Ray gives the client a GPU, else the "
         "CPU", _device, "auto, cpu, cuda or cuda:N", resumable=True),
+    Key("precision", Precision, Precision.FP32, T,
+        "`bf16`: local training's forward passes and losses run under bfloat16 autocast "
+        "(weights, gradients and SGD stay float32), for GPUs with bf16 units; on a CPU "
+        "without them it is slower. Evaluation stays float32", resumable=True),
+    Key("torch-compile", bool, False, T, "train both models through `torch.compile` "
+        "(inductor; on the CPU it needs a C++ compiler): each worker process compiles once, "
+        "then reuses the code for every client and round. Not bit-identical to eager",
+        resumable=True),
+    Key("evaluate-every", int, 1, T, "evaluate (clients' test splits and the central test "
+        "set) every k-th round and in the last; training is the same as with 1, the other "
+        "rounds' evaluation keys stay null", _positive, "an integer >= 1", resumable=True),
     # ---------------------------------------------------------------- mutual learning
     Key("alpha", float, 0.5, M, "CE weight of the private model's loss; (1-α) weighs its "
         "KL toward the meme", _in(0, 1), _RANGE_01),

@@ -4,12 +4,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.config import ConfigError
 from common.mutual import (
     label_log_prior,
     mixture_step,
@@ -33,6 +37,8 @@ class Hyper:
     distill: Distill = field(default_factory=Distill)
     mix: float | None = None  # personal-mix: the mixture weight to learn (None: off)
     mix_lr: float = 0.01
+    autocast: torch.dtype | None = None  # precision = "bf16": torch.bfloat16
+    compile: bool = False  # torch-compile
 
 
 @dataclass
@@ -77,6 +83,8 @@ def train_epochs(
     n_seen = skipped = 0
     n_loss = {"l": 0, "m": 0}  # samples whose loss was finite (and stepped on)
     x, y = x.to(device), y.to(device)
+    fwd_l = compiled(local, device) if hp.compile and local is not None else local
+    fwd_m = compiled(meme, device) if hp.compile and meme is not None else meme
     log_prior = None
     want_prior = mutual and hp.distill.prior is not DistillPrior.NONE
     mix = hp.mix if mutual else None
@@ -85,8 +93,12 @@ def train_epochs(
         for start in range(0, len(y), hp.batch_size):
             batch = order[start:start + hp.batch_size]
             xb, yb = x[batch], y[batch]
-            out_l = local(xb) if local is not None else None
-            out_m = meme(xb) if meme is not None else None
+            with _autocast(device, hp.autocast):
+                out_l = fwd_l(xb) if local is not None else None
+                out_m = fwd_m(xb) if meme is not None else None
+            if hp.autocast is not None:  # the losses and their softmaxes in float32
+                out_l = out_l.float() if out_l is not None else None
+                out_m = out_m.float() if out_m is not None else None
             if mix is not None and bool(out_l.isfinite().all() and out_m.isfinite().all()):
                 mix = mixture_step(out_l, out_m, yb, mix, hp.mix_lr)
             if want_prior and log_prior is None:
@@ -129,6 +141,26 @@ def train_epochs(
 
     return TrainStats(len(y), mean("ll", local, n_loss["l"]), mean("lm", meme, n_loss["m"]),
                       mean("cl", local, n_seen), mean("cm", meme, n_seen), skipped, mix)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device``; nothing at all when None (float32 untouched)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None \
+        else contextlib.nullcontext()
+
+
+def compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(model)`` for training (it shares the model's parameters, so the
+    optimizer and ``state_dict`` stay those of ``model``). PyTorch caches the compiled code
+    per process and reuses it for every instance of the same architecture. On the CPU
+    inductor builds C++ kernels: without a compiler the key is refused here, not deep
+    inside the first step."""
+    if device.type == "cpu" and not any(
+            shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise ConfigError("run-config key 'torch-compile' = true needs a C++ compiler for "
+                          "inductor's CPU kernels, and none was found (g++, c++, clang++ or "
+                          "$CXX): install one (Debian: apt install g++) or set it to false")
+    return torch.compile(model)
 
 
 @torch.no_grad()

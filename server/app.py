@@ -134,7 +134,8 @@ def main(grid: Grid, context: Context) -> None:
                    last=cfg.num_server_rounds, train_config=ConfigRecord(task),
                    evaluate_config=ConfigRecord(dict(task)), timeout=cfg.round_timeout,
                    run_log=run_log, evaluate_central=central_evaluation(cfg, spec, run_log),
-                   checkpoint=checkpointer(cfg, meme, run_log, strategy))
+                   checkpoint=checkpointer(cfg, meme, run_log, strategy),
+                   evaluate_every=cfg.evaluate_every)
     except TooFewClients as exc:
         done = len(run_log.records)
         kept = (f"Rounds 1-{done} are kept in {run_log.run_dir} (checkpoint.pt); continue with "

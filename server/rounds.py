@@ -23,9 +23,15 @@ from server.results import RunLog
 def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int, last: int,
                train_config: ConfigRecord, evaluate_config: ConfigRecord, timeout: float,
                run_log: RunLog, evaluate_central: Callable[[ArrayRecord], None],
-               checkpoint: Callable[[int, ArrayRecord], None]) -> ArrayRecord:
+               checkpoint: Callable[[int, ArrayRecord], None],
+               evaluate_every: int = 1) -> ArrayRecord:
     """Rounds ``first`` to ``last`` (absolute numbers: a resumed run goes on counting);
-    returns the last meme. ``strategy`` is the meme strategy or its DP wrapper."""
+    returns the last meme. ``strategy`` is the meme strategy or its DP wrapper.
+
+    Steps 4 and 5 run every ``evaluate_every``-th round and in the last. Nothing in them
+    feeds training (sampling is seeded per round and kind), so skipping them changes no
+    later round: an evaluated round's numbers are those of evaluating every round.
+    """
     for rnd in range(first, last + 1):
         log(INFO, "fedmutual: round %d of %d", rnd, last)
         run_log.begin_round(rnd)
@@ -41,13 +47,15 @@ def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int,
         with step("aggregate"):
             aggregated, _ = strategy.aggregate_train(rnd, replies)
         meme = aggregated if aggregated is not None else meme
-        # 4. the sampled clients evaluate both models on their own test split
-        with step("evaluate-exchange"):
-            messages = strategy.configure_evaluate(rnd, meme, evaluate_config, grid)
-            strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages, timeout=timeout))
-        # 5. the meme on the central test set
-        with step("central-evaluation"):
-            evaluate_central(meme)
+        if rnd % evaluate_every == 0 or rnd == last:
+            # 4. the sampled clients evaluate both models on their own test split
+            with step("evaluate-exchange"):
+                messages = strategy.configure_evaluate(rnd, meme, evaluate_config, grid)
+                strategy.aggregate_evaluate(rnd, grid.send_and_receive(messages,
+                                                                       timeout=timeout))
+            # 5. the meme on the central test set
+            with step("central-evaluation"):
+                evaluate_central(meme)
         # 6. close the round: metrics.json, clients.json, TensorBoard
         # 7. checkpoint: a resumed run continues after this round
         with step("results-and-checkpoint"):

@@ -62,9 +62,10 @@ def timed_run(app: Path, run_config: dict[str, Any], clients: int, cpus: int, ho
                        timeout=3 * 3600, cpus_per_client=cpus, app=app)
     try:
         records = json.loads((out / "bench" / "metrics.json").read_text())
-        per_client = json.loads((out / "bench" / "clients.json").read_text())
     except OSError:
         raise SystemExit(f"the run of {app} wrote no results:\n{log[-3000:]}") from None
+    clients_file = out / "bench" / "clients.json"  # older commits did not write it
+    per_client = json.loads(clients_file.read_text()) if clients_file.exists() else None
     secs = [r["seconds"] for r in records]
     return {"records": records, "clients": per_client, "seconds": secs,
             "per_round": sum(secs[1:]) / max(len(secs) - 1, 1)}

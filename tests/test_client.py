@@ -166,6 +166,16 @@ def test_warmup_rounds_train_the_private_model_on_labels_only():
     assert not all(np.array_equal(warm[1][k], labels_only[1][k]) for k in warm[1])
 
 
+def test_precision_bf16_reaches_the_clients_training():
+    """precision="bf16" through the real handler: the private model (float32) lands near,
+    but not on, the float32 run's."""
+    bf16 = _private_after({**RUN, "precision": "bf16"}, 1)[0]
+    fp32 = _private_after(RUN, 1)[0]
+    assert all(bf16[k].dtype == np.float32 for k in bf16)
+    diff = max(float(np.abs(bf16[k] - fp32[k]).max()) for k in fp32)
+    assert 1e-5 < diff < 0.05
+
+
 def test_personal_mix_learns_a_weight_keeps_it_and_scores_the_mixture():
     run = {**RUN, "algorithm": "fml", "personal-mix": True}
     ctx = make_context(run)

@@ -86,14 +86,24 @@ def test_heterogeneous_private_models(simlink, tmp_path):
 def test_same_seed_same_metrics_with_partial_participation(simlink, tmp_path):
     """With the personal mixture on: it is reported per round and per client, and
     reproducible like the rest. The second run keeps its private models on disk only
-    (``private-store="disk"``), which must change nothing."""
+    (``private-store="disk"``) and evaluates only in its last round (``evaluate-every=2``):
+    neither may change what is trained, so every number it records is the first run's."""
     runs = []
-    disk = {"private-store": "disk", "state-dir": str(tmp_path / "state")}
+    disk = {"private-store": "disk", "state-dir": str(tmp_path / "state"), "evaluate-every": 2}
     for name, store in (("rep-a", {}), ("rep-b", disk)):
         _, run_dir = _run(simlink, tmp_path, name, **{"fraction-train": 0.67, "seed": 5,
                                                       "personal-mix": True, **store})
         runs.append([{k: v for k, v in r.items() if k != "seconds"} for r in _metrics(run_dir)])
-    assert runs[0] == runs[1]
+    evaluation = ("local_accuracy", "meme_accuracy", "central_meme_accuracy", "mix_accuracy")
+    assert all(runs[1][0][k] is None for k in evaluation)  # round 1: not evaluated
+    assert all(runs[0][0][k] is not None for k in evaluation)
+    # round 1 sent the meme to the 2 clients that train, not to the 3 that evaluate
+    assert runs[1][0]["bytes_down"] * 5 == runs[0][0]["bytes_down"] * 2
+    assert runs[1][0] == {**runs[0][0], **dict.fromkeys(evaluation),  # trained the same
+                          "bytes_down": runs[1][0]["bytes_down"]}
+    assert runs[0][1] == runs[1][1]
+    assert [r["round"] for r in json.loads((tmp_path / "rep-b" / "clients.json").read_text())
+            ] == [2]
     from client.state_file import read_state_file
 
     saved = [read_state_file(p) for p in (tmp_path / "state").glob("private-*[0-9].pt")]
