@@ -2,6 +2,7 @@
 
     python -m simulations.bench_round --baseline-ref 365e486 [--rounds 4]
         [--preset leaderboard-fmnist-dir0.1] [--algorithm fml] [--no-profile]
+        [--no-threads] [--option evaluate-every=2 --option precision=bf16,torch-compile=true]
 
 Runs, one after another on this machine (keep it otherwise idle), the same preset and seed
 through the real Flower simulation:
@@ -9,14 +10,19 @@ through the real Flower simulation:
 1. the baseline commit's code (``git archive`` of ``--baseline-ref`` into a temporary
    folder; its FAB is what the simulation runs), 2 simulated clients x 1 thread;
 2. this tree, 2 clients x 1 thread (``client-resources-num-cpus=1``, the default);
-3. this tree, 1 client x 2 threads (``client-resources-num-cpus=2``);
-4. unless ``--no-profile``: this tree with ``FEDMUTUAL_PROFILE`` set, each round's phases.
+3. this tree, 1 client x 2 threads (``client-resources-num-cpus=2``; not with
+   ``--no-threads``);
+4. each ``--option``: this tree, 2 x 1, with those run-config keys set (the opt-in keys
+   that change the work: ``evaluate-every``, ``precision``, ``torch-compile``);
+5. unless ``--no-profile``: this tree with ``FEDMUTUAL_PROFILE`` set, each round's phases.
 
 Prints seconds per round (rounds after the first: round 1 also starts Ray and identifies
 the clients) and whether every metric of every round equals the baseline's (all of
 ``metrics.json`` but its ``seconds``, and ``clients.json``): a speed-up that changes the
-numbers is not the same work. Then the profile table: per phase, seconds per round on
-the server's clock and the clients' summed busy time.
+numbers is not the same work. An ``--option`` variant is compared on what it recorded (a
+round it did not evaluate has null evaluation keys and fewer bytes down); its seconds per
+round are also split into rounds with and without evaluation. Then the profile table: per
+phase, seconds per round on the server's clock and the clients' summed busy time.
 """
 
 from __future__ import annotations
@@ -71,16 +77,59 @@ def timed_run(app: Path, run_config: dict[str, Any], clients: int, cpus: int, ho
             "per_round": sum(secs[1:]) / max(len(secs) - 1, 1)}
 
 
-def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Metrics of ``b`` that differ from ``a`` (round and key), ``seconds`` aside."""
+def differences(a: dict[str, Any], b: dict[str, Any], recorded_only: bool = False,
+                ) -> list[str]:
+    """Metrics of ``b`` that differ from ``a`` (round and key), ``seconds`` aside. With
+    ``recorded_only``, keys ``b`` left null and ``bytes_down`` are skipped, and only the
+    rounds ``b`` evaluated are compared in ``clients.json`` (``evaluate-every``)."""
     diffs = []
     for ra, rb in zip(a["records"], b["records"], strict=True):
         for key in sorted(set(ra) | set(rb)):
-            if key != "seconds" and ra.get(key) != rb.get(key):
+            if key == "seconds" or (recorded_only and (rb.get(key) is None
+                                                       or key == "bytes_down")):
+                continue
+            if ra.get(key) != rb.get(key):
                 diffs.append(f"round {ra['round']} {key}: {ra.get(key)} vs {rb.get(key)}")
-    if a["clients"] != b["clients"]:
+    clients_a, clients_b = a["clients"], b["clients"]
+    if recorded_only and clients_a is not None and clients_b is not None:
+        evaluated = {r["round"] for r in clients_b}
+        clients_a = [r for r in clients_a if r["round"] in evaluated]
+    if clients_a is not None and clients_b is not None and clients_a != clients_b:
         diffs.append("clients.json differs")
     return diffs
+
+
+def split_seconds(run: dict[str, Any]) -> dict[str, float | None]:
+    """Mean seconds of the rounds after the first, with and without evaluation."""
+    rounds = run["records"][1:]
+    split: dict[str, float | None] = {}
+    for name, evaluated in (("evaluated", True), ("not_evaluated", False)):
+        secs = [r["seconds"] for r in rounds
+                if (r.get("local_accuracy") is not None
+                    or r.get("meme_accuracy") is not None) == evaluated]
+        split[name] = sum(secs) / len(secs) if secs else None
+    return split
+
+
+def parse_option(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` as run-config values (numbers, true/false, else text)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, text.split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option {text!r}: expected key=value[,key=value]")
+        value: Any = raw
+        if raw in ("true", "false"):
+            value = raw == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = value
+    return out
 
 
 def profile_table(phases: list[dict[str, Any]], rounds: list[int], workers: int,
@@ -112,6 +161,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--no-threads", action="store_true", help="skip 1 client x 2 threads")
+    p.add_argument("--option", action="append", default=[],
+                   help="key=value[,key=value]: a variant of this tree with these keys")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "round.json")
     a = p.parse_args()
     preset, clients = load_preset(a.preset)
@@ -121,12 +173,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedmutual-bench-round-") as tmp:
         base_app = Path(tmp) / "baseline"
         commit = export_commit(a.baseline_ref, base_app)
-        variants = [(f"baseline {commit[:7]}, 2 clients x 1 thread", base_app, 1),
-                    ("this tree, 2 clients x 1 thread", ROOT, 1),
-                    ("this tree, 1 client x 2 threads", ROOT, 2)]
-        for i, (name, app, cpus) in enumerate(variants):
+        variants = [(f"baseline {commit[:7]}, 2 clients x 1 thread", base_app, 1, {}),
+                    ("this tree, 2 clients x 1 thread", ROOT, 1, {})]
+        if not a.no_threads:
+            variants.append(("this tree, 1 client x 2 threads", ROOT, 2, {}))
+        for text in a.option:
+            variants.append((f"this tree + {text}, 2 clients x 1 thread", ROOT, 1,
+                             parse_option(text)))
+        for i, (name, app, cpus, extra) in enumerate(variants):
             marker = Path(tmp) / f"marker{i}"  # this tree's code writes phases here
-            results[name] = timed_run(app, run_config, clients, cpus, Path(tmp) / f"run{i}",
+            results[name] = timed_run(app, {**run_config, **extra}, clients, cpus,
+                                      Path(tmp) / f"run{i}",
                                       env={ENV: str(marker)} if app != ROOT else None)
             if app != ROOT:
                 results[name]["ran_profiler"] = bool(read_phases(marker))
@@ -148,15 +205,19 @@ def main() -> None:
     print("| code | placement | s/round | speed-up | metrics equal to the baseline |")
     print("|---|---|---|---|---|")
     summary = []
-    for name, _, cpus in variants:
+    for name, _, cpus, extra in variants:
         r = results[name]
-        diffs = differences(base, r)
+        diffs = differences(base, r, recorded_only=bool(extra))
         code, placement = name.split(", ")
-        summary.append({"variant": name, "cpus_per_client": cpus, "seconds": r["seconds"],
-                        "seconds_per_round": r["per_round"],
+        split = split_seconds(r)
+        summary.append({"variant": name, "cpus_per_client": cpus, "options": extra,
+                        "seconds": r["seconds"], "seconds_per_round": r["per_round"],
+                        "seconds_split": split,
                         "speedup": base["per_round"] / r["per_round"], "differences": diffs})
-        print(f"| {code} | {placement} | {r['per_round']:.1f} | "
-              f"{base['per_round'] / r['per_round']:.2f}x | "
+        parts = ", ".join(f"{k.replace('_', ' ')} {v:.1f}" for k, v in split.items()
+                          if v is not None and extra)
+        print(f"| {code} | {placement} | {r['per_round']:.1f}{f' ({parts})' if parts else ''} "
+              f"| {base['per_round'] / r['per_round']:.2f}x | "
               f"{'yes' if not diffs else f'no: {len(diffs)} differ, e.g. {diffs[0]}'} |")
     if profile:
         print(f"\nProfile of this tree (2 clients x 1 thread), mean of rounds 2-{a.rounds}:\n")

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.profiling import ENV, phase, read_phases
-from simulations.bench_round import differences, profile_table
+from simulations.bench_round import differences, parse_option, profile_table, split_seconds
 
 
 def test_phase_writes_nothing_unless_the_env_names_a_folder(tmp_path, monkeypatch):
@@ -60,6 +60,36 @@ def test_differences_ignore_seconds_only():
     other["clients"][0]["clients"][0]["key"] = 1
     assert differences(a, other) == ["round 1 local_accuracy: 0.5 vs 0.5000001",
                                      "clients.json differs"]
+
+
+def test_an_option_variant_is_compared_on_what_it_recorded():
+    """evaluate-every=2 over 3 rounds: round 2 left its evaluation null and sent fewer bytes
+    down; that is not a difference, a changed training loss or a skipped round's clients are."""
+    rec = [{"round": r, "seconds": s, "local_accuracy": 0.1 * r, "train_loss_local": 1.0 / r,
+            "bytes_down": 500} for r, s in ((1, 9.0), (2, 4.0), (3, 6.0))]
+    base = {"records": rec, "clients": [{"round": r, "clients": [{"key": 0, "acc": r}]}
+                                        for r in (1, 2, 3)]}
+    var = json.loads(json.dumps(base))
+    var["records"][1].update(local_accuracy=None, bytes_down=200, seconds=3.0)
+    var["clients"] = [c for c in var["clients"] if c["round"] != 2]
+    assert differences(base, var, recorded_only=True) == []
+    assert differences(base, var) == ["round 2 bytes_down: 500 vs 200",
+                                      "round 2 local_accuracy: 0.2 vs None",
+                                      "clients.json differs"]
+    var["records"][2]["train_loss_local"] = 0.3
+    var["clients"][1]["clients"][0]["acc"] = 4
+    assert differences(base, var, recorded_only=True) == [
+        "round 3 train_loss_local: 0.3333333333333333 vs 0.3", "clients.json differs"]
+    # rounds after the first: round 3 evaluated (6 s), round 2 not (3 s)
+    assert split_seconds(var) == {"evaluated": 6.0, "not_evaluated": 3.0}
+    assert split_seconds(base) == {"evaluated": 5.0, "not_evaluated": None}
+
+
+def test_option_text_becomes_typed_run_config_values():
+    assert parse_option("evaluate-every=5,precision=bf16,torch-compile=true,lr=0.05") == {
+        "evaluate-every": 5, "precision": "bf16", "torch-compile": True, "lr": 0.05}
+    with pytest.raises(SystemExit, match="key=value"):
+        parse_option("torch-compile")
 
 
 def test_export_commit_writes_that_commits_tree_and_refuses_a_bad_ref(tmp_path):
