@@ -117,12 +117,14 @@ def test_bench_device_measures_every_device_present(tmp_path, monkeypatch):
 
     out = tmp_path / "device.json"
     monkeypatch.setattr(sys, "argv", ["bench_device", "--batch-sizes", "4", "--steps", "3",
-                                      "--json", str(out)])
+                                      "--variants", "fp32", "bf16", "--json", str(out)])
     bench_device.main()
     result = json.loads(out.read_text())
-    (row,) = result["results"]
-    assert row["batch_size"] == 4 and row["samples_per_second"]["cpu"] > 0
-    assert ("cuda" in row["samples_per_second"]) == torch.cuda.is_available()
+    assert [(r["batch_size"], r["variant"]) for r in result["results"]] == [(4, "fp32"),
+                                                                             (4, "bf16")]
+    for row in result["results"]:
+        assert row["samples_per_second"]["cpu"] > 0
+        assert ("cuda" in row["samples_per_second"]) == torch.cuda.is_available()
     assert (row["gpu_over_cpu"] is None) == (not torch.cuda.is_available())
 
 
