@@ -68,6 +68,17 @@ def table(runs: Runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_curves(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """The rounds where every seed recorded ``key`` (with ``evaluate-every`` not all of
+    them), and the seeds' values there: (rounds, seeds x rounds)."""
+    recorded = [{r["round"]: r[key] for r in rec if r.get(key) is not None} for rec in runs]
+    recorded = [d for d in recorded if d]
+    if not recorded:
+        return np.array([]), np.empty((0, 0))
+    rounds = sorted(set.intersection(*(set(d) for d in recorded)))
+    return np.array(rounds), np.array([[d[r] for r in rounds] for d in recorded])
+
+
 def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Personalised and central accuracy per round: mean over seeds, ±std band."""
     plt = pyplot()
@@ -77,13 +88,10 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
     for ax, key, title in panels:
         for algo in sorted(algos, key=lambda a: ORDER.index(a) if a in ORDER else 99):
             k = key or personal_key(algo, algos[algo][0])
-            curves = [series(r["records"], k) for r in algos[algo]]
-            curves = [c for c in curves if c]
-            if not curves:
+            x, arr = seed_curves([r["records"] for r in algos[algo]], k)
+            if not len(x):
                 continue
-            n = min(map(len, curves))
-            arr = 100 * np.array([c[:n] for c in curves])
-            x = np.arange(1, n + 1)
+            arr = 100 * arr
             what = {"local_accuracy": "private model", "mix_accuracy": "mixture"}
             shared = "meme" if algo.startswith("fml") else "global model"
             label = f"{algo} ({what.get(k, shared)})"

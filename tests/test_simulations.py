@@ -11,8 +11,23 @@ from common.config import load_config
 from common.privacy import Release, epsilon_spent
 from simulations.grid import PRESETS, Job, load_preset, run_grid
 from simulations.privacy_report import plot_privacy, privacy_table
-from simulations.report import table, write_report
+from simulations.report import seed_curves, table, write_report
 from simulations.runs import load_runs
+
+
+def test_seed_curves_plot_only_the_rounds_every_seed_evaluated():
+    """evaluate-every=2 over 5 rounds evaluates rounds 2, 4, 5; a seed stopped after round 4
+    leaves 2 and 4: the curve's x are those rounds, not 1, 2."""
+    def run(values):
+        return [{"round": r, "acc": v} for r, v in enumerate(values, start=1)]
+
+    full = run([None, 0.5, None, 0.7, 0.8])
+    stopped = run([None, 0.4, None, 0.9])
+    x, arr = seed_curves([full, stopped, run([None] * 5)], "acc")
+    assert x.tolist() == [2, 4]
+    assert arr.tolist() == [[0.5, 0.7], [0.4, 0.9]]
+    x, arr = seed_curves([run([None, None])], "acc")
+    assert x.size == 0 and arr.size == 0
 
 
 def test_every_preset_is_a_valid_run_config_with_a_client_count():
