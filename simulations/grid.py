@@ -171,8 +171,9 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
     return [j for j, _, _ in jobs]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point: ``python -m simulations.grid``."""
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, dict[str, Any]]:
+    """The command line and its run-config overrides: every ``--set`` counts (repeated
+    flags add up, as a user would expect; ``--set a=1 b=2`` works too)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", required=True)
     p.add_argument("--algorithms", nargs="+", default=[a.value for a in Algorithm])
@@ -181,12 +182,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--cpus-per-client", type=int, default=1,
                    help="whole CPUs per simulated client (Flower 1.42 takes integers only)")
     p.add_argument("--gpus-per-client", type=float, default=0)
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="run-config overrides on top of every preset (TOML values)")
     a = p.parse_args(argv)
+    try:
+        extra = tomllib.loads("\n".join(a.set)) if a.set else {}
+    except tomllib.TOMLDecodeError as exc:
+        p.error(f"--set {' '.join(a.set)!r}: expected KEY=VALUE with TOML values "
+                f"(strings in double quotes): {exc}")
+    return a, extra
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: ``python -m simulations.grid``."""
+    a, extra = parse_args(argv)
     # SIGTERM (kill, CI, a closing session) must still end our SuperLink and its Ray
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    extra = tomllib.loads("\n".join(a.set)) if a.set else {}
     run_grid(a.presets, a.algorithms, a.seeds, a.out, a.cpus_per_client, a.gpus_per_client,
              extra)
 

@@ -9,7 +9,7 @@ import pytest
 
 from common.config import load_config
 from common.privacy import Release, epsilon_spent
-from simulations.grid import PRESETS, Job, load_preset, run_grid
+from simulations.grid import PRESETS, Job, load_preset, parse_args, run_grid
 from simulations.privacy_report import plot_privacy, privacy_table
 from simulations.report import seed_curves, table, write_report
 from simulations.runs import load_runs
@@ -28,6 +28,14 @@ def test_seed_curves_plot_only_the_rounds_every_seed_evaluated():
     assert arr.tolist() == [[0.5, 0.7], [0.4, 0.9]]
     x, arr = seed_curves([run([None, None])], "acc")
     assert x.size == 0 and arr.size == 0
+
+
+def test_grid_overrides_add_up_over_repeated_set_flags():
+    _, extra = parse_args(["--presets", "p", "--set", 'precision="bf16"', "--set",
+                           "evaluate-every=5", "torch-compile=true"])
+    assert extra == {"precision": "bf16", "evaluate-every": 5, "torch-compile": True}
+    with pytest.raises(SystemExit):
+        parse_args(["--presets", "p", "--set", "precision=bf16"])  # unquoted TOML string
 
 
 def test_every_preset_is_a_valid_run_config_with_a_client_count():
