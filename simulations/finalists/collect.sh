@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Copy the finished finalists' records (metrics, config, clients JSON; no weights) into one
 # grid-shaped folder for `python -m simulations.report`: the default FML (additive) as
-# "fml", today's convex FML as "fmlconvex", local and fedavg as themselves.
+# "fml", today's convex FML as "fmlconvex", the default FML with the speed keys as
+# "fmlfast", local and fedavg as themselves.
 #   bash simulations/finalists/collect.sh OUT_OF_RUN_SH RESULTS_DIR
 set -eu
 SRC=${1:-outputs/finalists}
 DST=${2:-simulations/results/leaderboard-20rounds}
-for pair in local:local additive:fml fedavg:fedavg convex:fmlconvex; do
+for pair in local:local additive:fml fedavg:fedavg convex:fmlconvex fast:fmlfast; do
   variant=${pair%%:*}; algo=${pair##*:}
   for run in "$SRC/$variant"/*/*-seed*; do
     [ -f "$run/metrics.json" ] || continue
