@@ -85,8 +85,9 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = ((axes[0], None, "Personalised accuracy (each client's own test split)"),
               (axes[1], "central_meme_accuracy", "Global model on the central test set"))
+    ordered = sorted(algos, key=lambda a: ORDER.index(a) if a in ORDER else 99)
     for ax, key, title in panels:
-        for algo in sorted(algos, key=lambda a: ORDER.index(a) if a in ORDER else 99):
+        for algo in ordered:  # one colour per algorithm in both panels
             k = key or personal_key(algo, algos[algo][0])
             x, arr = seed_curves([r["records"] for r in algos[algo]], k)
             if not len(x):
@@ -95,9 +96,11 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
             what = {"local_accuracy": "private model", "mix_accuracy": "mixture"}
             shared = "meme" if algo.startswith("fml") else "global model"
             label = f"{algo} ({what.get(k, shared)})"
-            ax.plot(x, arr.mean(0), marker="o", ms=3, label=label)
+            color = f"C{ordered.index(algo) % 10}"
+            ax.plot(x, arr.mean(0), marker="o", ms=3, label=label, color=color)
             if len(arr) > 1:
-                ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0), alpha=0.2)
+                ax.fill_between(x, arr.mean(0) - arr.std(0), arr.mean(0) + arr.std(0),
+                                alpha=0.2, color=color)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel("accuracy (%)")
