@@ -1,6 +1,8 @@
 """Opt-in options of the local update that change its arithmetic: bfloat16 autocast
 (``precision``) and ``torch-compile``, each against an independent implementation."""
 
+import shutil
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,8 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
         assert (plain.weight - ref.weight).abs().max() > 1e-4
 
 
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+                    reason="inductor needs a C++ compiler on the CPU (its refusal is tested below)")
 def test_compiled_training_matches_eager_and_keeps_the_models_own_state():
     """Two different architectures, two epochs with a short last batch (a second shape):
     the compiled update lands where the eager one does, and the modules' state_dict keys
