@@ -2,7 +2,7 @@
 
     python -m simulations.bench_round --baseline-ref 365e486 [--rounds 4]
         [--preset leaderboard-fmnist-dir0.1] [--algorithm fml] [--no-profile]
-        [--no-threads] [--option evaluate-every=2 --option precision=bf16,torch-compile=true]
+        [--no-threads] [--option evaluate-every=2 --option 'precision="bf16"' torch-compile=true]
 
 Runs, one after another on this machine (keep it otherwise idle), the same preset and seed
 through the real Flower simulation:
@@ -12,8 +12,9 @@ through the real Flower simulation:
 2. this tree, 2 clients x 1 thread (``client-resources-num-cpus=1``, the default);
 3. this tree, 1 client x 2 threads (``client-resources-num-cpus=2``; not with
    ``--no-threads``);
-4. each ``--option``: this tree, 2 x 1, with those run-config keys set (the opt-in keys
-   that change the work: ``evaluate-every``, ``precision``, ``torch-compile``);
+4. each ``--option KEY=VALUE ...`` (TOML values, as the grid's ``--set``): this tree,
+   2 x 1, with those run-config keys set (the opt-in keys that change the work:
+   ``evaluate-every``, ``precision``, ``torch-compile``);
 5. unless ``--no-profile``: this tree with ``FEDMUTUAL_PROFILE`` set, each round's phases.
 
 Prints seconds per round (rounds after the first: round 1 also starts Ray and identifies
@@ -39,7 +40,7 @@ from typing import Any
 
 from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.profiling import ENV, read_phases
-from simulations.grid import load_preset
+from simulations.grid import load_preset, overrides
 
 SERVER_PHASES = ("configure-train", "train-exchange", "aggregate", "evaluate-exchange",
                  "central-evaluation", "results-and-checkpoint")
@@ -111,27 +112,6 @@ def split_seconds(run: dict[str, Any]) -> dict[str, float | None]:
     return split
 
 
-def parse_option(text: str) -> dict[str, Any]:
-    """``key=value,key=value`` as run-config values (numbers, true/false, else text)."""
-    out: dict[str, Any] = {}
-    for item in filter(None, text.split(",")):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--option {text!r}: expected key=value[,key=value]")
-        value: Any = raw
-        if raw in ("true", "false"):
-            value = raw == "true"
-        else:
-            for kind in (int, float):
-                try:
-                    value = kind(raw)
-                    break
-                except ValueError:
-                    pass
-        out[key.strip()] = value
-    return out
-
-
 def profile_table(phases: list[dict[str, Any]], rounds: list[int], workers: int,
                   ) -> list[tuple[str, float, str]]:
     """(phase, seconds per round, note) averaged over ``rounds``."""
@@ -162,8 +142,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--no-threads", action="store_true", help="skip 1 client x 2 threads")
-    p.add_argument("--option", action="append", default=[],
-                   help="key=value[,key=value]: a variant of this tree with these keys")
+    p.add_argument("--option", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="a variant of this tree with these run-config keys (TOML values)")
     p.add_argument("--json", type=Path, default=ROOT / "outputs" / "bench" / "round.json")
     a = p.parse_args()
     preset, clients = load_preset(a.preset)
@@ -177,9 +157,9 @@ def main() -> None:
                     ("this tree, 2 clients x 1 thread", ROOT, 1, {})]
         if not a.no_threads:
             variants.append(("this tree, 1 client x 2 threads", ROOT, 2, {}))
-        for text in a.option:
-            variants.append((f"this tree + {text}, 2 clients x 1 thread", ROOT, 1,
-                             parse_option(text)))
+        for items in a.option:
+            variants.append((f"this tree + {' '.join(items)}, 2 clients x 1 thread", ROOT, 1,
+                             overrides(items, "--option")))
         for i, (name, app, cpus, extra) in enumerate(variants):
             marker = Path(tmp) / f"marker{i}"  # this tree's code writes phases here
             results[name] = timed_run(app, {**run_config, **extra}, clients, cpus,

@@ -185,12 +185,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="run-config overrides on top of every preset (TOML values)")
     a = p.parse_args(argv)
+    return a, overrides(a.set, "--set")
+
+
+def overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items as run-config values, each VALUE in TOML (strings in double
+    quotes, so ``local-models="mlp,cnn"`` stays one value); a bad item names ``flag``."""
     try:
-        extra = tomllib.loads("\n".join(a.set)) if a.set else {}
+        return tomllib.loads("\n".join(items))
     except tomllib.TOMLDecodeError as exc:
-        p.error(f"--set {' '.join(a.set)!r}: expected KEY=VALUE with TOML values "
-                f"(strings in double quotes): {exc}")
-    return a, extra
+        raise SystemExit(f"{flag} {' '.join(items)!r}: expected KEY=VALUE with TOML values "
+                         f"(strings in double quotes): {exc}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

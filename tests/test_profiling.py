@@ -6,7 +6,7 @@ import json
 import pytest
 
 from common.profiling import ENV, phase, read_phases
-from simulations.bench_round import differences, parse_option, profile_table, split_seconds
+from simulations.bench_round import differences, profile_table, split_seconds
 
 
 def test_phase_writes_nothing_unless_the_env_names_a_folder(tmp_path, monkeypatch):
@@ -85,11 +85,6 @@ def test_an_option_variant_is_compared_on_what_it_recorded():
     assert split_seconds(base) == {"evaluated": 5.0, "not_evaluated": None}
 
 
-def test_option_text_becomes_typed_run_config_values():
-    assert parse_option("evaluate-every=5,precision=bf16,torch-compile=true,lr=0.05") == {
-        "evaluate-every": 5, "precision": "bf16", "torch-compile": True, "lr": 0.05}
-    with pytest.raises(SystemExit, match="key=value"):
-        parse_option("torch-compile")
 
 
 def test_export_commit_writes_that_commits_tree_and_refuses_a_bad_ref(tmp_path):

@@ -38,6 +38,20 @@ def test_grid_overrides_add_up_over_repeated_set_flags():
         parse_args(["--presets", "p", "--set", "precision=bf16"])  # unquoted TOML string
 
 
+def test_overrides_are_typed_toml_values_shared_by_grid_and_bench_round():
+    """The one KEY=VALUE parser (grid's --set, bench_round's --option): a comma inside a
+    quoted value stays in it; a bare word or a missing '=' names the flag."""
+    from simulations.grid import overrides
+
+    assert overrides(["evaluate-every=5", 'precision="bf16"', "torch-compile=true",
+                      "lr=0.05", 'local-models="mlp,cnn"'], "--option") == {
+        "evaluate-every": 5, "precision": "bf16", "torch-compile": True, "lr": 0.05,
+        "local-models": "mlp,cnn"}
+    for bad in (["torch-compile"], ["precision=bf16"]):
+        with pytest.raises(SystemExit, match="--option .*expected KEY=VALUE"):
+            overrides(bad, "--option")
+
+
 def test_every_preset_is_a_valid_run_config_with_a_client_count():
     names = [p.stem for p in PRESETS.glob("*.toml") if p.stem != "supernodes"]
     assert {"fmnist-dir0.1", "fmnist-pathological", "fmnist-iid", "digits-quick"} <= set(names)
