@@ -10,6 +10,7 @@ themselves are declared in ``common/schema.py``; importing this module imports n
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
@@ -153,10 +154,27 @@ class Config:
         return self.local_model
 
 
+_SINT64 = range(-(2**63), 2**63)
+
+
+def _shown(value: Any) -> str:
+    """``repr``, but a huge int by its size: ``repr`` of one over 4300 digits raises."""
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<a {value.bit_length()}-bit integer>"
+    return repr(value)
+
+
 def _coerce(key: Key, value: Any) -> Any:
+    """One key's value, typed and checked.
+
+    Whatever a key's own check says, a float must be finite (``inf`` would be an unbounded
+    wait or an all-inf meme) and an int must fit the sint64 Flower carries it in: Python's
+    unbounded ints would otherwise pass here and overflow in torch or numpy much later.
+    """
     def fail() -> ConfigError:
         return ConfigError(
-            f"run-config key '{key.name}' = {value!r} is invalid: expected {key.describe()}"
+            f"run-config key '{key.name}' = {_shown(value)} is invalid: expected "
+            f"{key.describe()}"
         )
 
     if issubclass(key.type, Enum):
@@ -167,10 +185,17 @@ def _coerce(key: Key, value: Any) -> Any:
     accepted = (int, float) if key.type is float else (key.type,)
     if isinstance(value, bool) != (key.type is bool) or not isinstance(value, accepted):
         raise fail()
-    value = key.type(value)
-    if key.check is not None and not key.check(value):
+    try:
+        typed = key.type(value)
+    except OverflowError:  # float(10**400)
+        raise fail() from None
+    if key.type is float and not math.isfinite(typed):
         raise fail()
-    return value
+    if key.type is int and typed not in _SINT64:
+        raise fail()
+    if key.check is not None and not key.check(typed):
+        raise fail()
+    return typed
 
 
 def load_config(run_config: Mapping[str, Any]) -> Config:

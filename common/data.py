@@ -22,13 +22,14 @@ from common.datasets import CACHE_DIR, ArrayDataset, DataError, load_dataset, no
 from common.models import TaskSpec
 from common.options import Partitioner
 from common.partition import partition_indices, train_test_split
+from common.schema import MAX_CLASSES
 
 if TYPE_CHECKING:
     from common.config import Config
 
-__all__ = ["ClientData", "DataError", "central_test_set", "client_partition_indices",
-           "dataset_spec", "load_client_data", "load_dataset", "load_npz",
-           "resolve_data_path"]
+__all__ = ["MAX_CLASSES", "ClientData", "DataError", "central_test_set",
+           "client_partition_indices", "dataset_spec", "load_client_data", "load_dataset",
+           "load_npz", "resolve_data_path"]
 
 
 @dataclass(frozen=True)
@@ -44,13 +45,15 @@ class ClientData:
 
 # --------------------------------------------------------------------------- npz (own data)
 def load_npz(path: str | os.PathLike, mean: Sequence[float] = (0.0,),
-             std: Sequence[float] = (1.0,)) -> ArrayDataset:
+             std: Sequence[float] = (1.0,), num_classes: int = 0) -> ArrayDataset:
     """A node's own data: ``x`` (N,H,W | N,C,H,W | N,H,W,C), int ``y``; optional test arrays.
 
     Every node maps its pixels the same way, so the shared meme sees one input space:
     uint8 images are divided by 255, then ``(x - mean) / std`` with the federation-wide
     ``npz-mean`` / ``npz-std`` (one value, or one per channel). Loaded with
-    ``allow_pickle=False``: an .npz may come from anywhere.
+    ``allow_pickle=False``: an .npz may come from anywhere. Labels must lie in
+    ``[0, num_classes)`` (run-config ``num-classes``; when 0, ``[0, MAX_CLASSES)``): the
+    class count is taken from them, and one typo must not size the federation's models.
     """
     p = Path(path).expanduser().resolve()
     if not p.is_file():
@@ -80,8 +83,7 @@ def load_npz(path: str | os.PathLike, mean: Sequence[float] = (0.0,),
                             f"image in '{xk}' ({len(x)}); found shape {y.shape}, {y.dtype}")
         if len(y) == 0:
             raise DataError(f"data file {p}: '{xk}' is empty")
-        if y.min() < 0:
-            raise DataError(f"data file {p}: '{yk}' has negative labels")
+        _check_labels(p, yk, y, num_classes)
         out[f"x_{split}"], out[f"y_{split}"] = x, y
     channels = out["x_train"].shape[1] if out["x_train"].ndim == 4 else 1
     for name, values in (("npz-mean", mean), ("npz-std", std)):
@@ -89,6 +91,24 @@ def load_npz(path: str | os.PathLike, mean: Sequence[float] = (0.0,),
             raise DataError(f"data file {p} has {channels}-channel images, but run-config key "
                             f"'{name}' has {len(values)} values: expected 1 or {channels}")
     return normalise(out, ([*mean] * (channels // len(mean)), [*std] * (channels // len(std))))
+
+
+def _check_labels(p: Path, key: str, y: np.ndarray, num_classes: int) -> None:
+    """Every label in ``[0, bound)``, compared in the array's own integer dtype: a uint64
+    label of 2**63 would wrap negative in the int64 the labels become."""
+    bound = num_classes or MAX_CLASSES
+    info = np.iinfo(y.dtype)
+    bad = np.zeros(len(y), dtype=bool)
+    if info.min < 0:
+        bad |= y < 0
+    if bound <= info.max:
+        bad |= y >= y.dtype.type(bound)
+    if bad.any():
+        i = int(np.argmax(bad))
+        where = (f"run-config key 'num-classes' = {num_classes}" if num_classes else
+                 f"num-classes = 0 allows at most MAX_CLASSES = {MAX_CLASSES} classes")
+        raise DataError(f"data file {p}: '{key}'[{i}] = {y[i].item()} is not a label: "
+                        f"expected an integer in [0, {bound}) ({where})")
 
 
 def resolve_data_path(template: str, partition_id: int | None) -> str:
@@ -152,7 +172,7 @@ def _client_data_cached(cfg: Config, partition_id: int | None, num_partitions: i
             raise DataError("dataset 'npz' but no data file: set 'data-path' in the run config "
                             "or in this node's --node-config")
         ds = load_npz(resolve_data_path(data_path, partition_id), cfg.npz_mean_values,
-                      cfg.npz_std_values)
+                      cfg.npz_std_values, cfg.num_classes)
         if ds.x_test is not None:
             x_tr, y_tr, x_te, y_te = ds.x_train, ds.y_train, ds.x_test, ds.y_test
         else:

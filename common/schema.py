@@ -62,11 +62,29 @@ def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> C
 
 
 def _positive(v: float) -> bool:
-    return v > 0
+    return math.isfinite(v) and v > 0
 
 
 def _non_negative(v: float) -> bool:
-    return v >= 0
+    return math.isfinite(v) and v >= 0
+
+
+INT_MAX = 2**31 - 1
+"""The cap on every integer key but ``seed``: far above any real count, so a typo such as
+10**30 is refused here instead of overflowing (or running forever) later."""
+SEED_MAX = 2**63 - 1
+"""``seed``'s cap: Flower carries run-config integers as sint64 (torch.manual_seed takes up
+to 2**64 - 1, numpy's global seed is taken mod 2**32, ``derive_seed`` hashes any)."""
+MAX_CLASSES = 100_000
+"""The most classes a task may have: the cap on ``num-classes`` and, when it is 0, on every
+npz label (one label typo of 10**9 would otherwise give the server a 10**9-way output)."""
+MAX_ROUND_TIMEOUT = 7 * 24 * 3600.0
+"""``round-timeout``'s cap (seconds, 7 days): a wait must end."""
+
+
+def _ints(lo: int, hi: int = INT_MAX, note: str = "") -> tuple[Callable[[int], bool], str]:
+    """An integer key's check and its words: every integer key is bounded on both sides."""
+    return _in(lo, hi), f"an integer in [{lo}, {hi}]" + (f" {note}" if note else "")
 
 
 def _device(v: str) -> bool:
@@ -115,18 +133,16 @@ SCHEMA: tuple[Key, ...] = (
         "`fml`: private model + meme, mutual distillation; `fedavg`: the meme only, CE; "
         "`fedprox`: the meme only, Flower's FedProx (`proximal-mu`); `local`: the private "
         "model only, nothing aggregated"),
-    Key("num-server-rounds", int, 5, T, "rounds", _positive, "an integer >= 1",
-        resumable=True),
-    Key("local-epochs", int, 1, T, "epochs of local training per round", _positive,
-        "an integer >= 1"),
-    Key("batch-size", int, 32, T, "local training batch size", _positive, "an integer >= 1"),
-    Key("lr", float, 0.01, T, "SGD learning rate, both models", _positive, "a number > 0"),
+    Key("num-server-rounds", int, 5, T, "rounds", *_ints(1), resumable=True),
+    Key("local-epochs", int, 1, T, "epochs of local training per round", *_ints(1)),
+    Key("batch-size", int, 32, T, "local training batch size", *_ints(1)),
+    Key("lr", float, 0.01, T, "SGD learning rate, both models", _positive, "a finite number > 0"),
     Key("momentum", float, 0.9, T, "SGD momentum, both models", _in(0, 1, hi_open=True),
         "a number in [0, 1)"),
     Key("weight-decay", float, 0.0, T, "SGD weight decay, both models", _non_negative,
-        "a number >= 0"),
+        "a finite number >= 0"),
     Key("proximal-mu", float, 0.01, T, "FedProx's μ (`fedprox` only)", _non_negative,
-        "a number >= 0"),
+        "a finite number >= 0"),
     Key("meme-model", str, "cnn", T,
         "the shared model: `cnn` (FedAvg/PFLlib 2-conv CNN), `cnn-bn` (the same with "
         "BatchNorm), `mlp` (2×200), `cnn-cifar` (FedAvg CIFAR CNN), `resnet18` "
@@ -149,14 +165,14 @@ SCHEMA: tuple[Key, ...] = (
         resumable=True),
     Key("evaluate-every", int, 1, T, "evaluate (clients' test splits and the central test "
         "set) every k-th round and in the last; training is the same as with 1, the other "
-        "rounds' evaluation keys stay null", _positive, "an integer >= 1", resumable=True),
+        "rounds' evaluation keys stay null", *_ints(1), resumable=True),
     # ---------------------------------------------------------------- mutual learning
     Key("alpha", float, 0.5, M, "CE weight of the private model's loss; (1-α) weighs its "
         "KL toward the meme", _in(0, 1), _RANGE_01),
     Key("beta", float, 0.5, M, "CE weight of the meme's loss; (1-β) weighs its KL toward "
         "the private model", _in(0, 1), _RANGE_01),
     Key("temperature", float, 1.0, M, "distillation temperature T (the KL is scaled by T²)",
-        _positive, "a number > 0"),
+        _positive, "a finite number > 0"),
     Key("distill-weighting", DistillWeighting, DistillWeighting.ADDITIVE, M,
         "`additive`: CE at full weight plus (1-α)·KL (resp. β), distillation as a "
         "regulariser on top of plain training (Hinton et al. 2015); `fixed`: the convex "
@@ -174,7 +190,7 @@ SCHEMA: tuple[Key, ...] = (
         "prior (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022); `seen`: "
         "the meme renormalised over the client's own classes (FedRS, Li & Zhan 2021)"),
     Key("warmup-rounds", int, 0, M, "a private model's first k trainings learn from the "
-        "labels only (the meme still distils from it)", _non_negative, "an integer >= 0"),
+        "labels only (the meme still distils from it)", *_ints(0)),
     Key("personal-mix", bool, False, M, "`fml` only: each client also learns w for its "
         "personalised prediction w·p_local + (1-w)·p_meme on its training data and is "
         "scored on it (`mix_accuracy`; APFL, Deng et al. 2020)"),
@@ -195,15 +211,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("npz-std", str, "1", D, "`npz` only: see `npz-mean`",
         _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
     Key("num-classes", int, 0, D, "`npz`: the federation's class count; built-in datasets "
-        "take 0 or their own count", _non_negative,
-        "an integer >= 0 (0: for npz, one more than the largest label of the nodes "
-        "identified when the run starts)"),
+        "take 0 or their own count", *_ints(
+            0, MAX_CLASSES, "(0: for npz, one more than the largest label of the nodes "
+            "identified when the run starts)")),
     Key("partitioner", Partitioner, Partitioner.DIRICHLET, D,
         "how a built-in dataset is split across simulated clients (flwr-datasets)"),
     Key("dirichlet-alpha", float, 0.1, D, "`dirichlet`: concentration of each client's "
-        "label mix", _positive, "a number > 0"),
-    Key("classes-per-client", int, 2, D, "`pathological`: labels per client", _positive,
-        "an integer >= 1"),
+        "label mix", _positive, "a finite number > 0"),
+    Key("classes-per-client", int, 2, D, "`pathological`: labels per client",
+        *_ints(1, MAX_CLASSES)),
     Key("test-fraction", float, 0.25, D, "share of each client's partition held out as its "
         "personal test set", _in(0, 1, True, True), "a number in (0, 1)"),
     # ---------------------------------------------------------------- aggregation
@@ -223,17 +239,17 @@ SCHEMA: tuple[Key, ...] = (
     Key("trimmed-mean-beta", float, 0.2, A, "`trimmed-mean`: share cut on each side",
         _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
     Key("num-malicious", int, 1, A, "`krum`, `multi-krum`: clients tolerated",
-        _non_negative, "an integer >= 0"),
+        *_ints(0)),
     Key("max-client-weight", int, 0, A, "`weighted`: cap on a reply's num-examples",
-        _non_negative, "an integer >= 0 (0: the largest train split reported by the clients)"),
+        *_ints(0, note="(0: the largest train split reported by the clients)")),
     # ---------------------------------------------------------------- privacy
     Key("dp-mode", DpMode, DpMode.NONE, P,
         "client-level DP on the meme: `server` (the server clips each update), `client` "
         "(each client clips its own); needs `aggregation = \"uniform\"`"),
     Key("dp-noise-multiplier", float, 1.0, P, "σ: the noise std on the average is σ·C/m "
-        "for m sampled clients", _non_negative, "a number >= 0"),
+        "for m sampled clients", _non_negative, "a finite number >= 0"),
     Key("dp-clipping-norm", float, 1.0, P, "C: the L2 bound on each client's meme update",
-        _positive, "a number > 0"),
+        _positive, "a finite number > 0"),
     Key("dp-delta", float, 1e-5, P, "the δ at which ε is reported", _in(0, 1, True, True),
         "a number in (0, 1)"),
     Key("secure-aggregation", bool, False, P, "SecAgg+ (Flower's protocol): the server "
@@ -243,14 +259,15 @@ SCHEMA: tuple[Key, ...] = (
     Key("secagg-threshold", float, 0.5, P, "share of those shares needed to unmask a "
         "dropped client", _in(0, 1, lo_open=True), "a number in (0, 1]"),
     Key("secagg-clipping-range", float, 8.0, P, "meme values must lie in ±this (the "
-        "quantizer's range)", _positive, "a number > 0"),
+        "quantizer's range)", _positive, "a finite number > 0"),
     Key("audit-dir", str, "", P, "record every reply each client sends (and a snapshot of "
         "its private model) under this folder; empty: off", resumable=True),
     # ---------------------------------------------------------------- deployment
     Key("min-clients", int, 2, DEP, "clients that must be connected (and are sampled at "
-        "least) before a round starts", _positive, "an integer >= 1", resumable=True),
+        "least) before a round starts", *_ints(1), resumable=True),
     Key("round-timeout", float, 3600.0, DEP, "seconds a round (and the wait for clients) "
-        "lasts at most", _positive, "seconds > 0", resumable=True),
+        "lasts at most", _in(0, MAX_ROUND_TIMEOUT, lo_open=True),
+        "seconds in (0, 604800] (7 days)", resumable=True),
     Key("state-dir", str, "", DEP, "folder where each client keeps its private model "
         "between rounds and restarts; empty: in memory for the run; a node's "
         "`--node-config state-dir=…` wins", resumable=True),
@@ -282,7 +299,7 @@ SCHEMA: tuple[Key, ...] = (
     # ---------------------------------------------------------------- run
     Key("seed", int, 42, R, "seeds python, numpy, torch, partitioning, initialisation, "
         "shuffling and sampling; never DP noise, the sample under DP or SecAgg+ masks "
-        "(the OS's secure source)", _non_negative, "an integer >= 0"),
+        "(the OS's secure source)", *_ints(0, SEED_MAX)),
     Key("resume-from", str, "", R, "a run folder to continue after its last checkpoint",
         resumable=True),
     Key("output-dir", str, "", R, "results root; empty: `outputs/` in the project; relative "

@@ -27,13 +27,13 @@ def test_pyproject_lists_every_key_with_the_schema_default():
         ("beta", -0.1, "[0, 1]"),
         ("temperature", 0, "> 0"),
         ("fraction-train", 0.0, "(0, 1]"),
-        ("num-server-rounds", 0, ">= 1"),
+        ("num-server-rounds", 0, "[1, 2147483647]"),
         ("batch-size", 2.5, "integer"),
         ("algorithm", "fedsgd", "fml, fedavg, fedprox, local"),
         ("meme-model", "vgg", "cnn"),
         ("local-models", "cnn,foo", "comma list"),
         ("device", "tpu", "cuda:N"),
-        ("evaluate-every", 0, ">= 1"),
+        ("evaluate-every", 0, "[1, 2147483647]"),
         ("precision", "fp16", "fp32, bf16"),
         ("torch-compile", "yes", "bool"),
         ("lr", True, "> 0"),
@@ -49,6 +49,86 @@ def test_bad_value_names_key_value_and_allowed(key, value, allowed):
         load_config({key: value})
     msg = str(err.value)
     assert f"'{key}'" in msg and repr(value) in msg and allowed in msg
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("round-timeout", INF, "(0, 604800]"),  # an unbounded wait
+        ("round-timeout", 604800.5, "(0, 604800]"),
+        ("lr", INF, "finite number > 0"),
+        ("lr", -INF, "finite number > 0"),
+        ("lr", NAN, "finite number > 0"),
+        ("temperature", INF, "finite number > 0"),
+        ("dp-clipping-norm", INF, "finite number > 0"),  # the released meme was all inf
+        ("dp-noise-multiplier", INF, "finite number >= 0"),
+        ("weight-decay", NAN, "finite number >= 0"),
+        ("seed", 2**70, "[0, 9223372036854775807]"),  # failed inside seeding
+        ("seed", 2**63, "[0, 9223372036854775807]"),
+        ("seed", -1, "[0, 9223372036854775807]"),
+        ("num-server-rounds", 10**30, "[1, 2147483647]"),
+        ("batch-size", 2**31, "[1, 2147483647]"),
+        ("num-classes", 100_001, "[0, 100000]"),
+        ("classes-per-client", 100_001, "[1, 100000]"),
+    ],
+)
+def test_infinite_and_out_of_range_numbers_are_refused(key, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config({key: value})
+    msg = str(err.value)
+    assert msg.startswith(f"run-config key '{key}' = {value!r} is invalid: expected ")
+    assert allowed in msg
+
+
+def test_a_float_key_given_a_huge_int_is_refused_without_overflow():
+    # float(10**400) raises OverflowError; repr of a 5000-digit int raises ValueError
+    with pytest.raises(ConfigError, match=r"'lr' = <a 1329-bit integer> is invalid"):
+        load_config({"lr": 10**400})
+    with pytest.raises(ConfigError, match=r"'seed' = <a 16610-bit integer> is invalid"):
+        load_config({"seed": 10**5000})
+
+
+def test_every_numeric_key_is_finite_and_bounded():
+    """The generic rule holds for every key, including ones added later."""
+    for k in SCHEMA:
+        if k.type is float:
+            for bad in (INF, -INF, NAN):
+                with pytest.raises(ConfigError, match=f"'{k.name}'"):
+                    load_config({k.name: bad})
+        if k.type is int:
+            for bad in (2**63, -(2**63) - 1, 2**31):  # 2**31: the cap of all but seed
+                if k.name == "seed" and bad == 2**31:
+                    continue
+                with pytest.raises(ConfigError, match=f"'{k.name}'"):
+                    load_config({k.name: bad})
+
+
+def test_boundary_values_just_inside_are_accepted():
+    cfg = load_config({"round-timeout": 604800.0, "seed": 2**63 - 1,
+                       "num-server-rounds": 2**31 - 1, "num-classes": 100_000,
+                       "classes-per-client": 100_000, "lr": 1.7976931348623157e308,
+                       "dp-clipping-norm": 1e300, "temperature": 5e-324})
+    assert cfg.round_timeout == 604800.0 and cfg.seed == 9223372036854775807
+    assert cfg.num_server_rounds == 2147483647 and cfg.num_classes == 100000
+    assert cfg.lr == 1.7976931348623157e308 and cfg.temperature == 5e-324
+
+
+def test_the_seed_bound_is_what_flower_and_the_seeding_accept():
+    """``seed``'s cap is the real one: Flower carries run-config ints as sint64, and the
+    largest value it carries seeds every generator; one more does not travel."""
+    from flwr.common.serde import user_config_value_to_proto
+
+    from common.runtime import derive_seed, seed_everything
+
+    top = load_config({"seed": 2**63 - 1}).seed
+    assert user_config_value_to_proto(top).sint64 == 9223372036854775807
+    with pytest.raises(ValueError):
+        user_config_value_to_proto(top + 1)
+    seed_everything(top)
+    assert 0 <= derive_seed(top, "meme-init") < 2**63
 
 
 def test_unknown_key_refused():

@@ -130,3 +130,65 @@ def test_npz_nodes_map_the_same_pixel_to_the_same_input(tmp_path):
     assert load_npz(tmp_path / "dark.npz").x_train[0, 1, 2, 3] == pytest.approx(128 / 255)
     with pytest.raises(DataError, match="'npz-mean' has 2 values: expected 1 or 3"):
         load_npz(tmp_path / "dark.npz", mean=(0.1, 0.2))
+
+
+def _labelled(tmp_path, name: str, y: np.ndarray, **extra) -> Path:
+    """An npz file of len(y) 4x4 uint8 images with labels ``y``."""
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, x=np.zeros((len(y), 4, 4), np.uint8), y=y, **extra)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "num_classes", "message"),
+    [
+        # 2**63 as uint64 would wrap to -2**63 after the int64 cast
+        ("wraps", np.array([3, 2**63, 1], np.uint64), 0,
+         "'y'[1] = 9223372036854775808 is not a label: expected an integer in [0, 100000)"),
+        ("negative", np.array([0, 1, 2, -1], np.int64), 0,
+         "'y'[3] = -1 is not a label: expected an integer in [0, 100000)"),
+        # an honest file's typo would make the server build a 10**9-way output layer
+        ("typo", np.array([0, 10**9, 1, 10**9]), 0,
+         "'y'[1] = 1000000000 is not a label: expected an integer in [0, 100000) "
+         "(num-classes = 0 allows at most MAX_CLASSES = 100000 classes)"),
+        ("above-num-classes", np.array([0, 1, 9, 10], np.uint8), 10,
+         "'y'[3] = 10 is not a label: expected an integer in [0, 10) "
+         "(run-config key 'num-classes' = 10)"),
+        ("floats", np.array([0.0, 1.0, 2.0]), 0, "'y' must be 1-D integer labels"),
+        ("bools", np.array([True, False, True]), 0, "'y' must be 1-D integer labels"),
+    ],
+    ids=["uint64-2**63", "int64--1", "typo-10**9", "above-num-classes", "floats", "bools"],
+)
+def test_npz_labels_are_checked_in_their_own_dtype(tmp_path, name, labels, num_classes,
+                                                   message):
+    path = _labelled(tmp_path, name, labels)
+    with pytest.raises(DataError) as err:
+        load_npz(path, num_classes=num_classes)
+    assert str(err.value).startswith(f"data file {path}: ")  # names the file
+    assert message in str(err.value)
+
+
+def test_npz_test_labels_are_checked_too(tmp_path):
+    path = _labelled(tmp_path, "test-split", np.array([0, 1]),
+                     x_test=np.zeros((2, 4, 4), np.uint8), y_test=np.array([1, -5], np.int16))
+    with pytest.raises(DataError, match=r"'y_test'\[1\] = -5 is not a label"):
+        load_npz(path)
+
+
+def test_honest_npz_labels_load_intact(tmp_path):
+    labels = np.array([0, 4, 99_999, 2, 7], np.uint32)  # 99_999: the largest one allowed
+    ds = load_npz(_labelled(tmp_path, "honest", labels))
+    assert ds.y_train.dtype == np.int64 and ds.y_train.tolist() == [0, 4, 99999, 2, 7]
+    assert ds.spec.num_classes == 100_000
+    exact = load_npz(_labelled(tmp_path, "ten", np.arange(10, dtype=np.uint64)), num_classes=10)
+    assert exact.y_train.tolist() == list(range(10)) and exact.spec.num_classes == 10
+
+
+def test_client_data_bounds_npz_labels_by_num_classes(tmp_path):
+    path = _labelled(tmp_path, "node", np.array([0, 1, 2, 3, 4, 5, 6, 7]))
+    ok = load_client_data(load_config({"dataset": "npz", "data-path": str(path)}), None, 1)
+    assert sorted(ok.y_train.tolist() + ok.y_test.tolist()) == list(range(8))
+    cfg = load_config({"dataset": "npz", "data-path": str(path), "num-classes": 5})
+    with pytest.raises(DataError, match=r"'y'\[5\] = 5 is not a label: expected an integer "
+                                        r"in \[0, 5\) \(run-config key 'num-classes' = 5\)"):
+        load_client_data(cfg, None, 1)
