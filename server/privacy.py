@@ -14,8 +14,9 @@ configuration and logging; ``aggregate_train`` is replaced because Flower's
 Here every reply passes the meme validator first; a client-clipped update larger than the
 norm is rejected (it would void the guarantee); the mean uses the fixed denominator m (a
 missing client counts as a zero update), noise ``N(0, (σC/m)²)`` is drawn from the OS's
-secure random source (never from ``seed``: whoever knows the seed could subtract it), and
-(ε, δ) is recomputed from every released round and written to ``metrics.json``.
+secure random source (never from ``seed``: whoever knows the seed could subtract it), the
+release is written to the run folder's ledger (:mod:`server.ledger`) before the meme is
+returned, and (ε, δ) is recomputed from every release in it and written to ``metrics.json``.
 With ``secure-aggregation`` the sum comes from SecAgg+ and the server adds the noise to it.
 """
 
@@ -37,6 +38,7 @@ from flwr.supercore.differential_privacy import compute_stdv
 
 from common.config import Config, DpMode
 from common.privacy import Release, clip_update, epsilon_spent, noisy_mean_update
+from server.ledger import ReleaseLedger
 from server.results import RunLog
 from server.strategy import MemeStrategy
 
@@ -54,6 +56,7 @@ class _MemeDp:
     clips_on_server: bool = True
     cfg: Config
     run_log: RunLog
+    ledger: ReleaseLedger
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -86,7 +89,10 @@ class _MemeDp:
         self.num_sampled_clients = sampled
         std = compute_stdv(self.noise_multiplier, self.clipping_norm, sampled)
         noised = noisy_mean_update(ref, updates, sampled, std)
-        epsilon = self._account(sampled, got.population)
+        # on disk before the meme is returned: returning it is what lets it leave the server
+        self.ledger.append(server_round, Release(self.noise_multiplier, sampled,
+                                                 max(got.population, sampled)))
+        epsilon = self._account()
         self.run_log.set(dp_epsilon=epsilon, dp_delta=self.cfg.dp_delta, dp_noise_std=std,
                          dp_sampled=sampled, dp_population=got.population,
                          dp_clipped=sum(n > self.clipping_norm for n in norms) if norms
@@ -97,13 +103,10 @@ class _MemeDp:
             self.cfg.dp_delta)
         return self.strategy.release(noised, got)
 
-    def _account(self, sampled: int, population: int) -> float:
-        """ε after every released round so far, this one included (from metrics records)."""
-        releases = [Release(self.noise_multiplier, int(r["dp_sampled"]),
-                            int(r["dp_population"]))
-                    for r in self.run_log.records if r.get("dp_sampled")]
-        releases.append(Release(self.noise_multiplier, sampled, max(population, sampled)))
-        return epsilon_spent(releases, self.cfg.dp_delta,
+    def _account(self) -> float:
+        """ε after every release in the ledger: this one, and those of rounds that were
+        released but never checkpointed (each run of a round counts)."""
+        return epsilon_spent(self.ledger.releases, self.cfg.dp_delta,
                              subsampled=self.cfg.fraction_train < 1)
 
 
@@ -127,4 +130,7 @@ def wrap_dp(strategy: MemeStrategy) -> Strategy:
     cls = MemeDpServerSide if cfg.dp_mode is DpMode.SERVER else MemeDpClientSide
     dp = cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.min_clients)
     dp.cfg, dp.run_log = cfg, strategy.run_log
+    # read now, so a corrupt ledger stops the run before any round
+    dp.ledger = ReleaseLedger.open(strategy.run_log.run_dir, strategy.run_log.records,
+                                   cfg.dp_noise_multiplier)
     return dp

@@ -1,11 +1,14 @@
 """Differential privacy on the meme: clipping, the noised fixed-denominator mean through the
 real DP wrappers, the client clipping mod, and ε against independent reference values."""
 
+import json
 import math
+import re
 import time
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -38,6 +41,8 @@ from common.privacy import (
     secure_normal,
     update_norm,
 )
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.ledger import LEDGER, LedgerError
 from server.privacy import MemeDpClientSide, MemeDpServerSide, wrap_dp
 from server.results import RunLog
 from server.strategy import build_strategy
@@ -98,19 +103,30 @@ def _reply(node: int, arrays: dict, error: bool = False) -> Message:
     return Message(content=content, metadata=meta)
 
 
-def _dp_strategy(tmp_path, mode: str, sigma: float, clip: float = 1.0, sent: int = 3):
-    cfg = load_config({"algorithm": "fedavg", "aggregation": "uniform", "dp-mode": mode,
-                       "dp-noise-multiplier": sigma, "dp-clipping-norm": clip,
-                       "output-dir": str(tmp_path), "run-name": f"{mode}-{sigma}",
-                       "min-clients": 1})
-    log = RunLog.create(cfg)
+def _dp_config(tmp_path, mode: str, sigma: float, clip: float = 1.0):
+    return load_config({"algorithm": "fedavg", "aggregation": "uniform", "dp-mode": mode,
+                        "dp-noise-multiplier": sigma, "dp-clipping-norm": clip,
+                        "output-dir": str(tmp_path), "run-name": f"{mode}-{sigma}",
+                        "min-clients": 1})
+
+
+def _wrapped(cfg, log: RunLog, sent: int = 3):
+    """The real meme strategy and DP wrapper over ``log``'s run folder, as the ServerApp
+    builds them, with ``sent`` of ``sent`` clients sampled and the meme ``_ref()`` sent."""
     inner = build_strategy(cfg, log)
     ref = ArrayRecord({k: Array(v) for k, v in _ref().items()})
     inner.template = template_of(ref)
     inner.current_arrays = ref
     inner.population, inner.sent_train = sent, sent
+    return wrap_dp(inner), inner
+
+
+def _dp_strategy(tmp_path, mode: str, sigma: float, clip: float = 1.0, sent: int = 3):
+    cfg = _dp_config(tmp_path, mode, sigma, clip)
+    log = RunLog.create(cfg)
+    dp, inner = _wrapped(cfg, log, sent)
     log.begin_round(1)
-    return wrap_dp(inner), inner, log
+    return dp, inner, log
 
 
 @pytest.mark.parametrize("sigma", [0.0, 2.0])
@@ -352,3 +368,158 @@ def test_sampling_under_dp_is_secret_and_without_dp_follows_the_seed(tmp_path, m
     # 20 possible samples per round: 8 equal rounds by chance has probability 20^-8
     assert secret[0] != secret[1]
     assert secret[0] != plain[0]
+
+
+# ------------------------------------------------ the release ledger (issue #21, item 5)
+def _three_replies() -> list[Message]:
+    rng = np.random.default_rng(7)
+    return [_reply(i + 1, _with_update(rng.normal(size=D), 0.5)) for i in range(3)]
+
+
+def _release_round(dp, log: RunLog, rnd: int, *, close: bool) -> None:
+    """Round ``rnd``'s aggregation (the noised meme is released); ``close=False`` is a
+    crash before the round is closed and checkpointed (server/rounds.py steps 6-7)."""
+    log.begin_round(rnd)
+    assert dp.aggregate_train(rnd, _three_replies())[0] is not None
+    if close:
+        log.end_round()
+
+
+def _checkpoint(cfg, log: RunLog) -> None:
+    save_checkpoint(log.run_dir, len(log.records), {"w": torch.zeros(D)}, log.records, cfg,
+                    {})
+
+
+def _resume(cfg, run_dir):
+    """What server/app.py::_start does for ``resume-from``, then a fresh wrapper."""
+    ckpt = load_checkpoint(run_dir, cfg)
+    log = RunLog.resume(run_dir, cfg, ckpt.records)
+    return _wrapped(cfg, log)[0], log, ckpt
+
+
+def _ledger_rounds(run_dir) -> list[int]:
+    return [e["round"] for e in json.loads((run_dir / LEDGER).read_text())["releases"]]
+
+
+def test_a_round_released_then_lost_in_a_crash_counts_again_after_resume(tmp_path):
+    """Round 2's meme is released (step 3; step 4 sends it to the clients' evaluation), then
+    the server dies before step 7 checkpoints it. The resumed run releases round 2 again
+    with fresh noise: both releases reached clients, so ε counts three releases, not the
+    two the checkpoint's records alone would give."""
+    sigma = 2.0
+    cfg = _dp_config(tmp_path, "server", sigma)
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=True)
+    _checkpoint(cfg, log)
+    _release_round(dp, log, 2, close=False)  # the crash
+    dp, log, ckpt = _resume(cfg, log.run_dir)
+    assert ckpt.round == 1
+    _release_round(dp, log, 2, close=True)
+    one = Release(sigma, 3, 3)  # σ, m sampled, N connected: independent of the wrapper
+    expected = epsilon_spent([one, one, one], 1e-5, subsampled=False)
+    assert expected > epsilon_spent([one, one], 1e-5, subsampled=False)
+    on_disk = json.loads((log.run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in on_disk] == [1, 2]
+    assert on_disk[-1]["dp_epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert _ledger_rounds(log.run_dir) == [1, 2, 2]
+
+
+def test_a_first_round_released_then_lost_counts_when_the_folder_is_run_again(tmp_path):
+    """A crash before round 1 is checkpointed leaves nothing to resume: the run is started
+    again in the same folder (no metrics.json yet, so it is allowed) and its round 1 is the
+    second release of round 1."""
+    sigma = 1.5
+    cfg = _dp_config(tmp_path, "client", sigma)
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=False)  # the crash
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=True)
+    one = Release(sigma, 3, 3)
+    expected = epsilon_spent([one, one], 1e-5, subsampled=False)
+    assert expected > epsilon_spent([one], 1e-5, subsampled=False)
+    assert log.records[-1]["dp_epsilon"] == pytest.approx(expected, rel=1e-12)
+    assert _ledger_rounds(log.run_dir) == [1, 1]
+
+
+def test_the_release_is_on_disk_before_the_meme_is_returned(tmp_path):
+    dp, inner, log = _dp_strategy(tmp_path, "server", 1.0)
+    path = log.run_dir / LEDGER
+    assert not path.exists()
+    seen = []
+    handing_out = inner.release  # the wrapper's last step: it returns the meme
+
+    def watch(meme, got):
+        seen.append(json.loads(path.read_text()) if path.exists() else None)
+        return handing_out(meme, got)
+
+    inner.release = watch
+    arrays, _ = dp.aggregate_train(1, _three_replies())
+    on_disk = json.loads(path.read_text())  # right after the call, before anything else
+    assert arrays is not None and len(seen) == 1
+    assert seen[0] == on_disk  # already written when the meme was handed out
+    (entry,) = on_disk["releases"]
+    assert {k: entry[k] for k in ("round", "noise_multiplier", "sampled", "population")} == {
+        "round": 1, "noise_multiplier": 1.0, "sampled": 3, "population": 3}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", entry["time"])
+
+
+def test_a_release_that_cannot_be_recorded_is_not_released(tmp_path):
+    dp, _, log = _dp_strategy(tmp_path, "server", 1.0)
+    (log.run_dir / LEDGER).mkdir()  # the atomic rename onto it fails
+    with pytest.raises(OSError):
+        dp.aggregate_train(1, _three_replies())
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    '{"format": 1, "releases": [{"round": 1, "noise_multipl',  # torn
+    "[]",
+    '{"format": 1, "releases": [{"round": 1, "noise_multiplier": 2.0, "sampled": 0, '
+    '"population": 3}]}',
+    '{"format": 1, "releases": [{"round": 1, "noise_multiplier": "2", "sampled": 3, '
+    '"population": 3}]}',
+])
+def test_a_corrupt_ledger_stops_the_resume_naming_the_file(tmp_path, text):
+    cfg = _dp_config(tmp_path, "server", 2.0)
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=True)
+    _checkpoint(cfg, log)
+    path = log.run_dir / LEDGER
+    path.write_text(text)
+    with pytest.raises(LedgerError, match=re.escape(str(path))):
+        _resume(cfg, log.run_dir)
+
+
+def test_a_ledger_without_a_checkpointed_round_stops_the_resume(tmp_path):
+    cfg = _dp_config(tmp_path, "server", 2.0)
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=True)
+    _checkpoint(cfg, log)
+    path = log.run_dir / LEDGER
+    path.write_text(json.dumps({"format": 1, "releases": []}))
+    with pytest.raises(LedgerError, match=r"lacks round\(s\) \[1\]"):
+        _resume(cfg, log.run_dir)
+
+
+def test_a_run_folder_from_before_the_ledger_is_accounted_from_its_records(tmp_path):
+    sigma = 2.0
+    cfg = _dp_config(tmp_path, "server", sigma)
+    log = RunLog.create(cfg)
+    dp, _ = _wrapped(cfg, log)
+    _release_round(dp, log, 1, close=True)
+    _checkpoint(cfg, log)
+    (log.run_dir / LEDGER).unlink()  # as an older fedmutual left the folder
+    dp, log, _ = _resume(cfg, log.run_dir)
+    saved = json.loads((log.run_dir / LEDGER).read_text())["releases"]
+    assert saved == [{"round": 1, "noise_multiplier": sigma, "sampled": 3, "population": 3,
+                      "time": None, "source": "metrics.json"}]
+    _release_round(dp, log, 2, close=True)
+    one = Release(sigma, 3, 3)
+    assert log.records[-1]["dp_epsilon"] == pytest.approx(
+        epsilon_spent([one, one], 1e-5, subsampled=False), rel=1e-12)
+    assert _ledger_rounds(log.run_dir) == [1, 2]
