@@ -12,7 +12,7 @@
 - :func:`dp_clip_mod` (train): with ``dp-mode=client``, clips the meme update to the norm
   the server's DP wrapper sent, before it is masked or sent.
 - :func:`fault_mod` (train, innermost): the injected faults of run-config ``faults``
-  (robustness experiments): raise, straggle, or send a NaN or scaled meme.
+  (robustness experiments): raise, straggle, or send a NaN, scaled or forged meme.
 """
 
 from __future__ import annotations
@@ -117,7 +117,8 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
 
 def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """The faults that hit this client in this round: ``raise`` (an error reply), ``slow``
-    (a straggler: sleeps first), ``nan`` and ``scale`` (a broken or poisoning meme)."""
+    (a straggler: sleeps first), ``nan`` and ``scale`` (a broken or poisoning meme),
+    ``forge`` (arrays whose bytes are not what they declare)."""
     cfg = load_config(context.run_config)
     if not cfg.faults:
         return call_next(msg, context)
@@ -136,8 +137,19 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
     for fault in faults:
         sent = apply_to_update(fault, sent, received)
-    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in sent.items()})
+    arrays = {k: Array(np.asarray(v)) for k, v in sent.items()}
+    if any(f.kind == "forge" for f in faults):
+        arrays = {k: forged(a) if a.dtype.startswith("float") else a for k, a in arrays.items()}
+    reply.content["arrays"] = ArrayRecord(arrays)
     return reply
+
+
+def forged(array: Array) -> Array:
+    """``array``'s declaration (dtype, shape) over the bytes of one float32 1e6: what a
+    hostile node sends to a server that checks labels instead of bytes (a (1,) array
+    broadcasts into the average)."""
+    bad = Array(np.array([1e6], np.float32))
+    return Array(dtype=array.dtype, shape=tuple(array.shape), stype=bad.stype, data=bad.data)
 
 
 RESIDUAL = "compression-residual"  # what topk left out, fed into the next update

@@ -1,5 +1,6 @@
 """Injected faults for robustness experiments: a client that raises, sends NaN, sends a
-scaled (poisoned) update, or is a straggler. Set with the run-config key ``faults``.
+scaled (poisoned) update, forges its arrays' bytes, or is a straggler. Set with the
+run-config key ``faults``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ if TYPE_CHECKING:  # the config parses faults without importing numpy
 class Fault:
     """An injected fault for robustness experiments: what a simulated client does wrong."""
 
-    kind: str  # "raise", "nan", "scale" or "slow"
+    kind: str  # "raise", "nan", "scale", "forge" or "slow"
     partition_id: int
     round: int | None = None  # None: every round
     factor: float = 1.0  # for "scale": meme = global + factor * (meme - global)
@@ -28,8 +29,8 @@ class Fault:
 
 
 def parse_faults(spec: str) -> tuple[Fault, ...]:
-    """``"raise:1@2, nan:2, scale100:3, slow30:0@4"`` -> faults; ValueError on anything
-    else (``scale`` and ``slow`` need their number)."""
+    """``"raise:1@2, nan:2, scale100:3, forge:1, slow30:0@4"`` -> faults; ValueError on
+    anything else (``scale`` and ``slow`` need their number)."""
     faults = []
     for item in filter(None, (i.strip() for i in spec.split(","))):
         kind, _, target = item.partition(":")
@@ -42,7 +43,7 @@ def parse_faults(spec: str) -> tuple[Fault, ...]:
                 seconds, kind = float(kind[4:]), "slow"
         except ValueError:
             raise ValueError(item) from None
-        if (kind not in ("raise", "nan", "scale", "slow") or not pid.isdigit()
+        if (kind not in ("raise", "nan", "scale", "forge", "slow") or not pid.isdigit()
                 or (rnd and not rnd.isdigit()) or not 0 <= seconds < float("inf")):
             raise ValueError(item)
         faults.append(Fault(kind, int(pid), int(rnd) if rnd else None, factor, seconds))

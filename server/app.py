@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from logging import ERROR, INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -30,30 +31,41 @@ from server.validate import template_of
 app = ServerApp()
 
 
+def agreed_num_classes(reports: list[int]) -> int:
+    """The class count of an ``npz`` federation without ``num-classes``: the largest count
+    reported that is at most twice the median report. Honest non-IID nodes report one more
+    than their own largest label (between about half the count and the count); a minority
+    cannot move the median, so one node's typo or lie of 10^9 cannot size the meme."""
+    bound = 2 * float(np.median(reports))
+    return max(c for c in reports if c <= bound)
+
+
 def _spec_from_clients(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskSpec:
     """With ``npz`` data only the clients know the task shape: they report it when identified.
 
     Asked once ``min-clients`` nodes are connected (a bounded wait). The most common image
     shape wins; clients with another shape are named in a warning and their replies will be
-    errors (the round goes on without them). ``num-classes`` is the configured one, else one
-    more than the largest label those nodes hold: a later node with a larger label is
+    errors (the round goes on without them). ``num-classes`` is the configured one, else
+    :func:`agreed_num_classes` of what those nodes report: a node with a larger label is
     refused with an error that names it.
     """
     strategy.ordered(grid)
-    shapes = Counter((int(m["channels"]), int(m["size"])) for m in strategy.clients.info.values())
+    infos = list(strategy.clients.info.values())
+    shapes = Counter((int(m["channels"]), int(m["size"])) for m in infos)
     if not shapes:
         raise RuntimeError("no client could describe its data (every identify reply failed): "
                            "see the client errors above")
     (channels, size), _ = shapes.most_common(1)[0]
-    for m in strategy.clients.info.values():
+    for m in infos:
         if (int(m["channels"]), int(m["size"])) != (channels, size):
             log(WARNING, "client %s has %sx%spx images, the federation uses %sx%spx: it will "
                 "be left out", m["client-key"], m["channels"], m["size"], channels, size)
-    classes = cfg.num_classes or max(int(m["num-classes"]) for m in strategy.clients.info.values())
+    classes = cfg.num_classes or agreed_num_classes([int(m["num-classes"]) for m in infos])
     if not cfg.num_classes:
-        log(INFO, "fedmutual: num-classes=%d from the %d connected nodes' labels (set "
-            "run-config 'num-classes' if later nodes hold more)", classes,
-            len(strategy.clients.info))
+        outliers = sorted(int(m["client-key"]) for m in infos if int(m["num-classes"]) > classes)
+        log(INFO, "fedmutual: num-classes=%d agreed by the %d connected nodes' labels (set "
+            "run-config 'num-classes' if later nodes hold more)%s", classes, len(infos),
+            f"; clients {outliers[:5]} report more and will be refused" if outliers else "")
     return TaskSpec(channels, size, classes)
 
 

@@ -74,10 +74,11 @@ class _MemeDp:
             for content, meme, node in zip(got.contents, got.memes, got.nodes, strict=True):
                 clipped, norm = clip_update(meme, ref, self.clipping_norm)
                 if not self.clips_on_server and norm > self.clipping_norm * (1 + _NORM_SLACK):
-                    self.run_log.add("rejected_updates", 1)
-                    log(WARNING, "rejected the update of node %d: norm %.4g exceeds "
-                        "dp-clipping-norm=%g (the client did not clip)", node, norm,
-                        self.clipping_norm)
+                    reason = (f"norm {norm:.4g} exceeds dp-clipping-norm="
+                              f"{self.clipping_norm:g} (the client did not clip)")
+                    log(WARNING, "rejected the update of node %d: %s", node, reason)
+                    self.run_log.reject("train", node, self.strategy.clients.keys.get(node),
+                                        reason)
                     continue
                 contents.append(content)
                 updates.append(clipped)

@@ -21,6 +21,7 @@ METRIC_KEYS = (
     "train_loss_meme", "num_clients", "rejected_updates", "failed_clients", "skipped",
     "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
     "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm", "mix_accuracy",
+    "rejections",
 )
 #: per client and evaluated round, in ``clients.json``
 CLIENT_KEYS = ("key", "num_train", "num_test", "local_accuracy", "local_loss",
@@ -128,7 +129,8 @@ class RunLog:
         """Open the record of a round; every documented key starts as null."""
         self._current = {k: None for k in METRIC_KEYS}
         self._current.update(round=server_round, bytes_up=0, bytes_down=0, num_clients=0,
-                             rejected_updates=0, failed_clients=0, skipped=False)
+                             rejected_updates=0, failed_clients=0, skipped=False,
+                             rejections=[])
         self._current_clients = []
         self._t0 = time.perf_counter()
 
@@ -141,6 +143,13 @@ class RunLog:
         """Set keys of the open round (ignored before the first round opens)."""
         if self._current is not None:
             self._current.update({k: _clean(v) for k, v in values.items()})
+
+    def reject(self, stage: str, node: int, key: int | None, reason: str) -> None:
+        """Count a rejected reply (``rejected_updates``) and keep why (``rejections``)."""
+        if self._current is not None:
+            self._current["rejected_updates"] += 1
+            self._current["rejections"].append(
+                {"stage": stage, "node": node, "key": key, "reason": reason[:300]})
 
     def add(self, key: str, amount: int) -> None:
         """Add to a counter of the open round (bytes)."""

@@ -38,7 +38,8 @@ class SecureResult:
     """The unmasked weighted mean of the memes and the replies' (unmasked) metrics."""
 
     mean: dict[str, np.ndarray]
-    contents: list[RecordDict]  # each completing client's metrics (its memes stay masked)
+    contents: list[tuple[int, RecordDict]]  # each completing node and its metrics (its
+    # meme stays masked)
     failed: int  # sampled clients that dropped out (their masks were removed)
 
 
@@ -117,7 +118,7 @@ def secure_mean(grid: Grid, msgs: Sequence[Message], keys: Sequence[str], server
     if len(mean) != len(keys):
         raise SecureAggregationFailed(f"round {server_round}: SecAgg+ returned {len(mean)} "
                                       f"arrays, the meme has {len(keys)}")
-    contents = [RecordDict({"metrics": MetricRecord(dict(fitres.metrics))})
-                for _, fitres in adapter.results]
+    contents = [(int(proxy.node_id), RecordDict({"metrics": MetricRecord(dict(fitres.metrics))}))
+                for proxy, fitres in adapter.results]
     return SecureResult(dict(zip(keys, mean, strict=True)), contents,
                         failed=len(msgs) - len(adapter.results))

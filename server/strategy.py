@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import random
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from logging import WARNING
 
 import numpy as np
@@ -44,9 +45,21 @@ from server.aggregate import State, aggregate, as_dtypes
 from server.identity import ClientRegistry, OrderedGrid, TooFewClients, cyclic_sample
 from server.results import RunLog
 from server.secure import SecureAggregationFailed, secure_mean
-from server.validate import Template, decode_reply, validate_update
+from server.validate import (
+    Evaluation,
+    Rejected,
+    Template,
+    Update,
+    admit_evaluation,
+    admit_metrics,
+    admit_update,
+)
 
 __all__ = ["Collected", "MemeStrategy", "TooFewClients", "build_strategy"]
+
+#: with ``max-client-weight = 0`` a reply's weight is capped at this many times the
+#: median train split reported at identification
+WEIGHT_CAP_FACTOR = 10
 
 
 @dataclass
@@ -54,7 +67,7 @@ class Collected:
     """What a round's aggregation works from, in client-key order."""
 
     reference: State  # the meme sent this round
-    contents: list[RecordDict]  # the accepted replies (metrics, weights)
+    contents: list[Update]  # the accepted replies (metrics, weights)
     sampled: int  # train messages sent this round (DP's m)
     population: int  # clients connected when the round sampled
     memes: list[State] = field(default_factory=list)  # their memes
@@ -164,17 +177,27 @@ class MemeStrategy(FedAvg):
 
     # ------------------------------------------------------------------ aggregate
     def max_weight(self) -> float | None:
-        """The cap on ``num-examples``: configured, else the largest train split reported
-        at identification (before any training); None where weights do not count."""
+        """The cap on ``num-examples``: ``max-client-weight``, else ``WEIGHT_CAP_FACTOR``
+        times the median train split the clients reported when identified (a minority
+        cannot move a median, so no report sets its own bound); None where weights do not
+        count."""
         if self.cfg.aggregation is not Aggregation.WEIGHTED:
             return None
         if self.cfg.max_client_weight > 0:
             return float(self.cfg.max_client_weight)
-        largest = self.clients.largest_train_split()
-        return float(largest) if largest is not None else None
+        sizes = [int(m["num-train"]) for m in self.clients.info.values() if "num-train" in m]
+        return float(WEIGHT_CAP_FACTOR * np.median(sizes)) if sizes else None
 
-    def accept(self, replies: list[Message]) -> list[Message]:
-        """Validated replies; the others are logged with node and reason, and counted."""
+    def _reject(self, stage: str, node: int, reason: str) -> None:
+        """Count a rejected reply and keep its reason (log and ``rejections``)."""
+        key = self.clients.keys.get(node)
+        what = {"train": "update", "evaluate": "evaluation"}.get(stage, stage)
+        log(WARNING, "rejected the %s of node %d (client %s): %s", what, node, key, reason)
+        self.run_log.reject(stage, node, key, reason)
+
+    def accept(self, replies: list[Message]) -> list[tuple[int, Update]]:
+        """The checked updates with their node ids; every other reply costs only itself:
+        logged with node and reason, counted in ``rejected_updates``."""
         failed = [m for m in replies if m.has_error()]
         for m in failed:
             log(WARNING, "node %d failed this round: %s", m.metadata.src_node_id, m.error.reason)
@@ -185,61 +208,63 @@ class MemeStrategy(FedAvg):
         if answered < self.cfg.min_clients:
             raise TooFewClients(f"only {answered} client(s) answered this round, fewer than "
                                 f"min-clients={self.cfg.min_clients}")
-        cap = self.max_weight()
         codec = self.cfg.codec
-        reference = self.sent_reference() if codec.mode is not Compression.NONE else {}
-        limit = (max_payload_bytes(self.template, codec)
-                 if codec.mode is not Compression.NONE else 0)
-        accepted, rejected, uploaded = [], 0, 0
+        compressed = codec.mode is not Compression.NONE
+        admit = partial(
+            admit_update, template=self.template, max_weight=self.max_weight(),
+            weight_key=self.weighted_by_key, codec=codec,
+            reference=self.sent_reference() if compressed else None,
+            max_payload=max_payload_bytes(self.template, codec) if compressed else 0)
+        accepted = []
         for m in (m for m in replies if not m.has_error()):
-            sent = record_bytes(next(iter(m.content.array_records.values()), ArrayRecord()))
-            reason = (decode_reply(m, reference, limit, self.template, codec)
-                      if codec.mode is not Compression.NONE else None)
-            if reason is None:
-                reason = validate_update(m.content, self.template, cap, self.weighted_by_key)
-            if reason is None:
-                accepted.append(m)
-                uploaded += sent
-            else:
-                rejected += 1
-                log(WARNING, "rejected the update of node %d (client %s): %s",
-                    m.metadata.src_node_id, self.clients.keys.get(m.metadata.src_node_id),
-                    reason)
-        self.run_log.set(rejected_updates=rejected, failed_clients=len(failed) + silent)
-        self.run_log.add("bytes_up", uploaded)
+            node = m.metadata.src_node_id
+            try:
+                accepted.append((node, admit(m.content)))
+            except Rejected as exc:
+                self._reject("train", node, str(exc))
+            except Exception as exc:  # noqa: BLE001 - a hostile reply costs only itself
+                self._reject("train", node, f"unreadable ({type(exc).__name__}: {exc})")
+        self.run_log.set(failed_clients=len(failed) + silent)
+        self.run_log.add("bytes_up", sum(u.nbytes for _, u in accepted))
         return accepted
 
     def collect(self, server_round: int, replies: Iterable[Message]) -> Collected:
-        """The round's accepted memes (validated, in key order), or SecAgg+'s mean."""
+        """The round's accepted memes (checked, in key order), or SecAgg+'s mean."""
         reference = {k: a.numpy() for k, a in self.current_arrays.items()}
         if self.cfg.secure_aggregation:
             contents, mean = self._secure(server_round)
             return Collected(reference, contents, self.sent_train, self.population,
                              secure_mean=mean)
         accepted = self.accept(self.clients.sort_replies(replies))
-        contents = [m.content for m in accepted]
-        memes = [{k: a.numpy() for k, a in next(iter(c.array_records.values())).items()}
-                 for c in contents]
-        return Collected(reference, contents, self.sent_train, self.population, memes,
-                         [m.metadata.src_node_id for m in accepted])
+        return Collected(reference, [u for _, u in accepted], self.sent_train,
+                         self.population, [u.meme for _, u in accepted],
+                         [node for node, _ in accepted])
 
     def release(self, meme: State | None, collected: Collected,
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record the round's accepted replies and return the meme it publishes (in the
-        template's dtypes); with no accepted reply the meme stays as it was."""
+        template's dtypes); with no accepted reply, or an aggregate that is not finite,
+        the meme stays as it was and the record says why."""
         if not collected.contents:
             log(WARNING, "no valid update this round: the meme stays as it was")
             self.run_log.set(skipped=True)
             return None, None
         self.run_log.set(num_clients=len(collected.contents))
-        metrics = self.train_metrics_aggr_fn(collected.contents, self.weighted_by_key)
-        if metrics is not None:
-            self.run_log.set(train_loss_local=metrics.get("train-loss-local"),
-                             train_loss_meme=metrics.get("train-loss-meme"))
+        metrics = MetricRecord(weighted_means(collected.contents,
+                                              ("train-loss-local", "train-loss-meme")))
+        self.run_log.set(train_loss_local=metrics.get("train-loss-local"),
+                         train_loss_meme=metrics.get("train-loss-meme"))
         if meme is None:
             return None, metrics
         cast = as_dtypes({k: meme[k] for k in self.template},
                          {k: dtype for k, (_, dtype) in self.template.items()})
+        broken = [k for k, v in cast.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+        if broken:
+            reason = f"the aggregate's '{broken[0]}' is not finite: the meme stays as it was"
+            log(WARNING, "round not released: %s", reason)
+            self.run_log.set(skipped=True)
+            self.run_log.reject("aggregate", -1, None, reason)
+            return None, metrics
         return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
@@ -250,14 +275,12 @@ class MemeStrategy(FedAvg):
             return self.release(None, got)
         if got.secure_mean is not None:  # integer counters keep the server's value
             return self.release({**got.reference, **got.secure_mean}, got)
-        weights = [float(c.metric_records["metrics"][self.weighted_by_key])
-                   for c in got.contents]
-        meme = aggregate(self.cfg.aggregation, got.memes, weights,
+        meme = aggregate(self.cfg.aggregation, got.memes, [u.weight for u in got.contents],
                          trimmed_mean_beta=self.cfg.trimmed_mean_beta,
                          num_malicious=self.cfg.num_malicious)
         return self.release(meme, got)
 
-    def _secure(self, server_round: int) -> tuple[list[RecordDict], State]:
+    def _secure(self, server_round: int) -> tuple[list[Update], State]:
         """Run SecAgg+ over this round's sampled clients: the unmasked mean of their memes'
         floating arrays, and the replies of the clients that completed."""
         if self._secure_round is None:
@@ -286,33 +309,69 @@ class MemeStrategy(FedAvg):
         self.run_log.set(failed_clients=result.failed)
         # what went up was masked, but as large as the plain memes
         self.run_log.add("bytes_up", len(result.contents) * record_bytes(self.current_arrays))
-        return result.contents, result.mean
+        contents = []
+        for node, content in result.contents:
+            try:
+                contents.append(admit_metrics(content, max_weight=self.max_weight(),
+                                              weight_key=self.weighted_by_key))
+            except Rejected as exc:
+                self._reject("train", node, str(exc))
+        return contents, result.mean
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
-        """Sample-weighted client accuracies, recorded as local/meme accuracy; and each
-        client's own numbers, by client key (``clients.json``)."""
-        replies = self.clients.sort_replies(replies)
-        clients = []
-        for m in replies:
-            if m.has_error() or "metrics" not in m.content.metric_records:
-                continue
-            got = m.content.metric_records["metrics"]
+        """Sample-weighted client accuracies of the checked replies, recorded as
+        local/meme accuracy; and each client's own numbers, by client key
+        (``clients.json``). A client without test data is listed but left out of the mean;
+        a ``num-examples`` above the test split the node reported when identified is
+        refused."""
+        clients, checked = [], []
+        for m in self.clients.sort_replies(replies):
             node = m.metadata.src_node_id
-            info = self.clients.info.get(node, {})
+            try:
+                if m.has_error():
+                    continue
+                got = admit_evaluation(m.content)
+                info = self.clients.info.get(node, {})
+                if "num-test" in info and got.num_examples > int(info["num-test"]):
+                    raise Rejected(f"'num-examples' = {got.num_examples} exceeds the "
+                                   f"{int(info['num-test'])} test examples the node reported")
+            except Rejected as exc:
+                self._reject("evaluate", node, str(exc))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a hostile reply costs only itself
+                self._reject("evaluate", node, f"unreadable ({type(exc).__name__}: {exc})")
+                continue
+            checked.append(got)
             clients.append({
-                "key": self.clients.key_of(node), "num_test": got.get("num-examples"),
+                "key": self.clients.key_of(node), "num_test": got.num_examples,
                 "num_train": info.get("num-train"),
-                **{k.replace("-", "_"): got.get(k) for k in (
+                **{k.replace("-", "_"): got.metrics.get(k) for k in (
                     "local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
                     "mix-accuracy", "mix-loss", "mix-weight")}})
         self.run_log.set_clients(clients)
-        metrics = super().aggregate_evaluate(server_round, replies)
-        if metrics is not None:
-            self.run_log.set(local_accuracy=metrics.get("local-accuracy"),
-                             meme_accuracy=metrics.get("meme-accuracy"),
-                             mix_accuracy=metrics.get("mix-accuracy"))
-        return metrics
+        means = weighted_means([c for c in checked if c.num_examples > 0],
+                               ("local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
+                                "mix-accuracy", "mix-loss"))
+        if not means:
+            return None
+        self.run_log.set(local_accuracy=means.get("local-accuracy"),
+                         meme_accuracy=means.get("meme-accuracy"),
+                         mix_accuracy=means.get("mix-accuracy"))
+        return MetricRecord(means)
+
+
+def weighted_means(replies: Sequence[Update | Evaluation], keys: Iterable[str],
+                   ) -> dict[str, float]:
+    """Each key's mean over the replies that carry it, weighted by their sample counts."""
+    out = {}
+    for key in keys:
+        pairs = [(getattr(r, "weight", None) or getattr(r, "num_examples", 0), r.metrics[key])
+                 for r in replies if key in r.metrics]
+        total = sum(w for w, _ in pairs)
+        if total > 0:
+            out[key] = float(sum(w * v for w, v in pairs) / total)
+    return out
 
 
 def build_strategy(cfg: Config, run_log: RunLog) -> MemeStrategy:

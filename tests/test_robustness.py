@@ -238,7 +238,7 @@ def test_update_validator_never_raises(arrays, weight):
                   and arrays[k].dtype == TEMPLATE_ARRAYS[k].dtype
                   and np.isfinite(arrays[k]).all() for k in arrays)
           and isinstance(weight, int | float) and not isinstance(weight, bool)
-          and math.isfinite(weight) and 0 < weight <= 100)
+          and math.isfinite(weight) and weight == int(weight) and 0 < weight <= 100)
     assert (reason is None) == ok, reason
 
 
