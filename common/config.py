@@ -54,6 +54,7 @@ class Config:
     client_sampling: ClientSampling
     min_clients: int
     round_timeout: float
+    node_authentication: bool
     local_epochs: int
     batch_size: int
     lr: float

@@ -265,6 +265,11 @@ SCHEMA: tuple[Key, ...] = (
     # ---------------------------------------------------------------- deployment
     Key("min-clients", int, 2, DEP, "clients that must be connected (and are sampled at "
         "least) before a round starts", *_ints(1), resumable=True),
+    Key("node-authentication", bool, False, DEP, "the SuperLink authenticates its nodes "
+        "(`--enable-supernode-auth`): each client key is bound, for the whole run, to the "
+        "first authenticated node (Flower node id) that claims it; another node claiming it "
+        "is refused, even after the first disconnects. Off: a node's claim of its key is "
+        "trusted, first come first served among connected nodes", resumable=True),
     Key("round-timeout", float, 3600.0, DEP, "seconds a round (and the wait for clients) "
         "lasts at most", _in(0, MAX_ROUND_TIMEOUT, lo_open=True),
         "seconds in (0, 604800] (7 days)", resumable=True),

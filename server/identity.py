@@ -6,8 +6,9 @@ although Flower's node ids are random. Waiting for clients is always bounded.
 from __future__ import annotations
 
 import random
+import reprlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -17,6 +18,60 @@ from flwr.supercore import log
 from common.config import Config
 
 UNKNOWN_KEY = 2**62  # nodes that failed to identify sort last, by node id
+# What an identify reply may claim (operator-side bounds: a value outside is refused, not
+# trusted). Client keys lie in [0, UNKNOWN_KEY); the others are positive integers up to:
+IDENTIFY_LIMITS = {"num-train": 10**9, "channels": 64, "size": 4096, "num-classes": 100_000}
+
+
+class IdentifyError(ValueError):
+    """An identify reply that is not what an honest client sends."""
+
+
+def identify_info(content: RecordDict) -> dict[str, int]:
+    """The checked facts of one identify reply: ``client-key`` and ``IDENTIFY_LIMITS``' keys.
+
+    Whatever a node sends is hostile until checked here (a NaN key or a list would raise
+    out of sorting and stop the run); unknown keys are dropped. Raises
+    :class:`IdentifyError` saying what was expected.
+    """
+    record = content.get("metrics") if isinstance(content, RecordDict) else None
+    if record is None:
+        raise IdentifyError("no record named 'metrics': expected a MetricRecord 'metrics' "
+                            "with 'client-key', 'num-train', 'channels', 'size', 'num-classes'")
+    if not isinstance(record, MetricRecord):
+        raise IdentifyError(f"record 'metrics' has type {type(record).__name__}: expected "
+                            "a MetricRecord")
+    return _checked_ints(record)
+
+
+def _checked_ints(record: Mapping[str, object]) -> dict[str, int]:
+    bounds = {"client-key": (0, UNKNOWN_KEY - 1), **{k: (1, hi) for k, hi in
+                                                     IDENTIFY_LIMITS.items()}}
+    info = {}
+    for key, (lo, hi) in bounds.items():
+        if key not in record:
+            raise IdentifyError(f"'{key}' is missing: expected an integer in [{lo}, {hi}]")
+        v = record[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise IdentifyError(f"'{key}' = {_short(v)}: expected an integer in [{lo}, {hi}]")
+        info[key] = int(v)
+    return info
+
+
+def _short(v: object) -> str:
+    """A value for a log line, cut short (a hostile node may send a huge list)."""
+    return reprlib.repr(v)
+
+
+def _as_int(v: object) -> int | None:
+    """``v`` as an int when it is one or a string of digits (JSON object keys), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.isascii() and v.isdigit():
+        return int(v)
+    return None
 
 
 class TooFewClients(RuntimeError):
@@ -37,14 +92,22 @@ class OrderedGrid:
 
 
 class ClientRegistry:
-    """The nodes' client keys and what they reported when identified."""
+    """The nodes' client keys and what they reported (checked) when identified.
+
+    Without ``node-authentication`` a node's claim of its key is trusted: first come first
+    served among connected nodes. With it, Flower's node ids are authenticated, so each key
+    is bound for the run to the first node id that claims it (:meth:`bindings`).
+    """
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.keys: dict[int, int] = {}  # node id -> client key
-        self.info: dict[int, MetricRecord] = {}  # node id -> its identify reply
+        self.info: dict[int, dict[str, int]] = {}  # node id -> its checked identify reply
         self._unidentified: set[int] = set()  # silent at identification: asked again
         self._duplicates: set[int] = set()  # reported a key another node has: left out
+        self._rejected: set[int] = set()  # sent a malformed reply: left out, asked again
+        self._bound: dict[int, int] = {}  # node-authentication: client key -> node id
+        self._refused: dict[int, int] = {}  # node-authentication: node id -> key it spoofed
         self.errors: dict[int, str] = {}  # node -> why its last identify reply failed
 
     def key_of(self, node: int) -> int:
@@ -56,16 +119,38 @@ class ClientRegistry:
         sizes = [int(m["num-train"]) for m in self.info.values()]
         return max(sizes) if sizes else None
 
+    def bindings(self) -> dict[int, int]:
+        """Client key -> node id, as ``node-authentication`` bound them: for the checkpoint,
+        so a resumed run keeps refusing the nodes that claim another node's key."""
+        return dict(self._bound)
+
+    def restore_bindings(self, saved: Mapping[object, object]) -> None:
+        """Take back :meth:`bindings` from a checkpoint (JSON turns the keys into strings),
+        before the first identification. Raises ValueError on anything but key -> node id."""
+        bound = {}
+        for key, node in saved.items():
+            k, n = _as_int(key), _as_int(node)
+            if k is None or n is None or not 0 <= k < UNKNOWN_KEY or not 0 <= n < 2**64:
+                raise ValueError(f"client-key binding {key!r} -> {node!r} is invalid: expected "
+                                 f"a client key in [0, 2^62) -> a node id in [0, 2^64)")
+            bound[k] = n
+        self._bound = bound
+
     def identify(self, grid: Grid, timeout: float | None = None) -> None:
         """Ask every not-yet-known connected node for its client key (one QUERY each).
 
         A node that stays silent past ``round-timeout`` (a slow cold start) sorts last by
-        node id this round, which is not reproducible, and is asked again next round. A node
-        that reports the key of another connected node is left out (two nodes with one key
-        would share shuffling, initialisation and state file) and asked again next round."""
+        node id this round, which is not reproducible, and is asked again next round. A
+        malformed reply (see :func:`identify_info`) is refused: that node is left out and
+        asked again next round. A node that reports the key of another connected node is
+        left out (two nodes with one key would share shuffling, initialisation and state
+        file) and asked again next round; with ``node-authentication``, one that claims a key
+        bound to another node id is refused for the run and never asked again. Never raises
+        on what a node sends."""
         live = list(grid.get_node_ids())
-        new = [n for n in live if n not in self.keys or n in self._unidentified
-               or n in self._duplicates]
+        new = [n for n in live if n not in self._refused and (
+            n not in self.keys or n in self._unidentified or n in self._duplicates
+            or n in self._rejected)]
         if not new:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord()}), dst_node_id=n,
@@ -76,31 +161,49 @@ class ClientRegistry:
         wait = self.cfg.round_timeout if timeout is None else timeout
         for reply in grid.send_and_receive(msgs, timeout=wait):
             node = reply.metadata.src_node_id
+            if node not in new or node in answered:
+                continue  # not asked, or a second reply: nothing to learn from it
             answered.add(node)
             self._unidentified.discard(node)
             if reply.has_error():
                 log(WARNING, "node %d did not identify itself: %s", node, reply.error.reason)
                 self.errors[node] = reply.error.reason
                 continue
-            self.errors.pop(node, None)
-            metrics = reply.content["metrics"]
-            key = int(metrics["client-key"])
-            holder = holders.get(key)
-            if holder is not None and holder != node:
-                if node not in self._duplicates:
-                    log(ERROR, "node %d reports client key %d, which node %d already has: it "
-                        "is left out until that key is free. Give each node its own "
-                        "'client-key' in --node-config, or its own state-dir", node, key,
-                        holder)
-                self._duplicates.add(node)
-                self.keys.pop(node, None)
+            try:
+                info = identify_info(reply.content)
+            except IdentifyError as e:
+                self._reject(node, f"malformed identify reply: {e}")
                 continue
+            self.errors.pop(node, None)
+            self._rejected.discard(node)
+            key = info["client-key"]
+            if self.cfg.node_authentication:
+                owner = self._bound.setdefault(key, node)
+                if owner != node:
+                    log(ERROR, "node %d claims client key %d, which is bound to node %d for "
+                        "this run (node-authentication): node %d is refused for the run. "
+                        "Give each node its own 'client-key' in --node-config, or its own "
+                        "state-dir", node, key, owner, node)
+                    self._refused[node] = key
+                    self._forget(node)
+                    continue
+            else:
+                holder = holders.get(key)
+                if holder is not None and holder != node:
+                    if node not in self._duplicates:
+                        log(ERROR, "node %d reports client key %d, which node %d already "
+                            "has: it is left out until that key is free. Give each node its "
+                            "own 'client-key' in --node-config, or its own state-dir", node,
+                            key, holder)
+                    self._duplicates.add(node)
+                    self._forget(node)
+                    continue
             self._duplicates.discard(node)
             self.keys[node] = key
             holders[key] = node
-            self.info[node] = metrics
+            self.info[node] = info
         for node in new:
-            if node in self._duplicates:
+            if node in self._duplicates or node in self._rejected or node in self._refused:
                 continue
             if node not in answered and node not in self._unidentified:
                 log(WARNING, "node %d did not identify itself within round-timeout=%g s: it "
@@ -108,6 +211,20 @@ class ClientRegistry:
                     self.cfg.round_timeout)
                 self._unidentified.add(node)
             self.keys.setdefault(node, UNKNOWN_KEY + node % 2**61)
+
+    def _reject(self, node: int, reason: str) -> None:
+        """Leave out a node whose identify reply was malformed; logged once per reason."""
+        if self.errors.get(node) != reason:
+            log(WARNING, "node %d is left out (asked again next round): %s", node, reason)
+        self.errors[node] = reason
+        self._rejected.add(node)
+        self._duplicates.discard(node)
+        self._forget(node)
+
+    def _forget(self, node: int) -> None:
+        """Drop what the node claimed before (it is not a client now)."""
+        self.keys.pop(node, None)
+        self.info.pop(node, None)
 
     def _wait_for_clients(self, grid: Grid, deadline: float) -> None:
         """Wait until ``deadline`` for ``min-clients`` connected nodes (Flower's own sampler

@@ -1,8 +1,10 @@
 """Deployment on 127.0.0.1: a real SuperLink with TLS and node authentication, real
-SuperNodes started by ``fedmutual-deploy``, kill -9 and restart, refused nodes."""
+SuperNodes started by ``fedmutual-deploy``, kill -9 and restart, refused nodes, a
+spoofed client key."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -189,3 +191,37 @@ def test_nodes_sharing_a_data_path_started_after_the_server_keep_their_own_ident
         files = sorted(p.name for p in (dep.root / "state" / name).glob("private-*.pt"))
         assert files == [f"private-{key}.prev.pt", f"private-{key}.pt"]  # this round, the last
         assert read_state_file(dep.root / "state" / name / files[1])["node_round"] == 2
+
+
+def test_a_node_claiming_another_nodes_client_key_is_refused_for_the_run(dep, tmp_path):
+    """Two authenticated SuperNodes claim client key 7, a third its own (0): with
+    node-authentication the key goes to the first claimant's node id; the other is refused
+    once (never trained, never asked again) and the run completes with the two."""
+    for name, pid, extra in (("honest", 0, ""), ("claim-a", 1, "client-key=7"),
+                             ("claim-b", 1, "client-key=7")):
+        assert "registered successfully" in dep.register(name)
+        _start(dep, name, pid, deadline=time.time() + 120, extra=extra)
+    ids = {name: int(re.search(r"SuperNode ID: (\d+)", (dep.root / f"{name}.log").read_text())
+                     .group(1)) for name in ("claim-a", "claim-b")}
+    out = dep.run({**RUN, "num-server-rounds": 1, "round-timeout": 60.0, "min-clients": 2,
+                   "node-authentication": True, "output-dir": str(tmp_path),
+                   "run-name": "spoof"})
+    assert "Traceback" not in out, out
+    run_id = re.search(r"\b(\d{6,})\b", out).group(1)
+    records = wait_for_rounds(tmp_path / "spoof" / "metrics.json", 1, timeout=300)
+    assert dep.run_statuses(timeout=120) == ["finished:completed"]
+    assert (records[0]["num_clients"], records[0]["failed_clients"]) == (2, 0)
+    server_log = dep.flwr("log", run_id, "fm", "--show")
+    refusals = re.findall(r"node (\d+) claims client key 7, which is bound to node (\d+)",
+                          server_log)
+    assert len(refusals) == 1, server_log[-3000:]  # logged once, not every round
+    refused, owner = (int(n) for n in refusals[0])
+    assert {refused, owner} == set(ids.values())
+    logs = {name: (dep.root / f"{name}.log").read_text() for name in ("honest", *ids)}
+    by_id = {v: k for k, v in ids.items()}
+    assert logs[by_id[refused]].count("Receiving: query message") == 1
+    assert "Receiving: train message" not in logs[by_id[refused]]
+    for name in ("honest", by_id[owner]):
+        assert logs[name].count("Receiving: train message") == 1, name
+    saved = json.loads((tmp_path / "spoof" / "clients.json").read_text())
+    assert sorted(c["key"] for c in saved[-1]["clients"]) == [0, 7]
