@@ -297,10 +297,11 @@ SCHEMA: tuple[Key, ...] = (
         "arrays in half precision, half the bytes; clients train from that rounded meme "
         "and the server decodes their updates against it)"),
     Key("faults", str, "", DEP, "inject faults (robustness experiments): `raise:P[@R]`, "
-        "`nan:P[@R]`, `scaleK:P[@R]` (a poisoning client), `slowS:P[@R]` (a straggler), "
+        "`nan:P[@R]`, `scaleK:P[@R]` (a poisoning client), `forge:P[@R]` (arrays whose bytes "
+        "are not what they declare), `slowS:P[@R]` (a straggler), "
         "P the partition id, R a round (default every round)", _faults,
-        "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan, scale<FACTOR> "
-        "or slow<SECONDS>"),
+        "empty or a comma list of KIND:PARTITION[@ROUND], KIND raise, nan, scale<FACTOR>, "
+        "forge or slow<SECONDS>"),
     # ---------------------------------------------------------------- run
     Key("seed", int, 42, R, "seeds python, numpy, torch, partitioning, initialisation, "
         "shuffling and sampling; never DP noise, the sample under DP or SecAgg+ masks "

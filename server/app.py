@@ -104,7 +104,8 @@ def checkpointer(cfg: Config, meme: nn.Module, run_log: RunLog, strategy: MemeSt
         if len(arrays) > 0:
             load_into(meme, arrays, what="aggregated meme")
         save_checkpoint(run_log.run_dir, server_round, meme.state_dict(), run_log.records, cfg,
-                        {"client_keys_seen": len(strategy.clients.keys)})
+                        {"client_keys_seen": len(strategy.clients.keys),
+                         "bindings": strategy.clients.bindings()})
 
     return checkpoint
 
@@ -127,6 +128,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "fedmutual: %s on %s, results in %s", cfg.algorithm.value, cfg.dataset,
         run_log.run_dir)
     strategy = build_strategy(cfg, run_log)
+    if ckpt is not None:  # node-authentication: a key stays with the node that first had it
+        strategy.clients.restore_bindings(ckpt.strategy.get("bindings", {}))
     try:
         spec = _task_spec(cfg, strategy, grid)
         torch.manual_seed(derive_seed(cfg.seed, "meme-init"))

@@ -161,3 +161,26 @@ def test_resumed_dp_run_continues_the_accounting_with_fresh_noise(simlink, tmp_p
         memes.append(torch.load(tmp_path / run / "meme_final.pt", weights_only=True))
     a, b = memes
     assert not any(torch.equal(a[k], b[k]) for k in a)  # fresh noise in rounds 3-4
+
+
+def test_a_forging_node_is_rejected_every_round_and_the_honest_clients_train(simlink, tmp_path):
+    """A node whose arrays declare the meme's dtype and shape over the bytes of one 1e6
+    (broadcast into the average, this poisoned every client before): every round completes
+    without it, with its reason on record, and the honest private models learn."""
+    records, log = _run(simlink, tmp_path, "forge", supernodes=3, **{
+        "num-server-rounds": 3, "faults": "forge:2", "algorithm": "fml"})
+    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["num_clients"] for r in records] == [2, 2, 2]
+    for r in records:
+        assert r["rejected_updates"] == 1
+        [why] = r["rejections"]
+        assert why["stage"] == "train" and why["key"] == 2 and "has shape (1,)" in why["reason"]
+    meme = torch.load(tmp_path / "forge" / "meme_final.pt", weights_only=True)
+    assert all(v.abs().max() < 100 for v in meme.values() if v.is_floating_point())
+    clients = json.loads((tmp_path / "forge" / "clients.json").read_text())
+    first, last = clients[0]["clients"], clients[-1]["clients"]
+    for before, after in zip(first, last, strict=True):
+        if before["key"] != 2:  # the honest clients' private models learn
+            assert after["local_loss"] < before["local_loss"]
+            assert after["local_accuracy"] >= max(before["local_accuracy"], 0.5)
+    assert "rejected the update of node" in log
