@@ -55,6 +55,13 @@ def _checked_ints(record: Mapping[str, object]) -> dict[str, int]:
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise IdentifyError(f"'{key}' = {_short(v)}: expected an integer in [{lo}, {hi}]")
         info[key] = int(v)
+    if "num-test" in record:  # optional: bounds the node's evaluation weight when sent
+        v = record["num-test"]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= IDENTIFY_LIMITS[
+                "num-train"]:
+            raise IdentifyError(f"'num-test' = {_short(v)}: expected an integer in "
+                                f"[0, {IDENTIFY_LIMITS['num-train']}]")
+        info["num-test"] = int(v)
     return info
 
 

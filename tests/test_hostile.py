@@ -336,3 +336,17 @@ def test_the_weight_cap_follows_the_median_report_not_the_largest(tmp_path):
     strat.clients.info = {1: {"num-train": 100}, 2: {"num-train": 300},
                           3: {"num-train": 10**12}}
     assert strat.max_weight() == 10 * 300  # WEIGHT_CAP_FACTOR x the median report
+
+
+def test_an_evaluation_weight_above_the_identified_test_split_is_refused(tmp_path):
+    """Reproduced: an evaluate weight of 10^18 made the reported accuracy 1000.0."""
+    strat, log = _strategy(str(tmp_path))
+    strat.clients.info = {1: {"num-test": 10}, 3: {"num-test": 30}}
+    replies = [Message(content=RecordDict({"metrics": MetricRecord(m)}),
+                       metadata=_meta(node, MessageType.EVALUATE))
+               for node, m in ((1, {"num-examples": 10, "local-accuracy": 0.8}),
+                               (3, {"num-examples": 10**6, "local-accuracy": 1.0}))]
+    strat.aggregate_evaluate(1, replies)
+    assert log._current["local_accuracy"] == pytest.approx(0.8)
+    [why] = log._current["rejections"]
+    assert why["node"] == 3 and "exceeds the 30 test examples" in why["reason"]

@@ -259,7 +259,8 @@ class _ColdStartGrid:
             node = m.metadata.dst_node_id
             if node in self.awake:
                 yield Message(content=RecordDict({"metrics": MetricRecord(
-                    {"client-key": node // 11 - 1, "num-train": 10})}),
+                    {"client-key": node // 11 - 1, "num-train": 10, "channels": 1,
+                     "size": 8, "num-classes": 10})}),
                     metadata=_meta(node, MessageType.QUERY))
 
 
