@@ -212,8 +212,8 @@ SCHEMA: tuple[Key, ...] = (
         _float_list(lambda v: v > 0), "a comma list of numbers > 0"),
     Key("num-classes", int, 0, D, "`npz`: the federation's class count; built-in datasets "
         "take 0 or their own count", *_ints(
-            0, MAX_CLASSES, "(0: for npz, one more than the largest label of the nodes "
-            "identified when the run starts)")),
+            0, MAX_CLASSES, "(0: for npz, agreed by the nodes identified when the run "
+            "starts: the largest of their class counts that is at most twice the median)")),
     Key("partitioner", Partitioner, Partitioner.DIRICHLET, D,
         "how a built-in dataset is split across simulated clients (flwr-datasets)"),
     Key("dirichlet-alpha", float, 0.1, D, "`dirichlet`: concentration of each client's "
@@ -241,7 +241,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("num-malicious", int, 1, A, "`krum`, `multi-krum`: clients tolerated",
         *_ints(0)),
     Key("max-client-weight", int, 0, A, "`weighted`: cap on a reply's num-examples",
-        *_ints(0, note="(0: the largest train split reported by the clients)")),
+        *_ints(0, note="(0: 10 × the median train split the clients reported when "
+               "identified)")),
     # ---------------------------------------------------------------- privacy
     Key("dp-mode", DpMode, DpMode.NONE, P,
         "client-level DP on the meme: `server` (the server clips each update), `client` "
