@@ -1,0 +1,56 @@
+"""The algorithms, end to end, against runs recorded before they moved onto the algorithm
+seam (``tests/data/port/``, written by the code of commit 'port baselines'; never by the
+code under test): same seed, same CPU, the same ``metrics.json`` (apart from ``seconds``)
+and ``clients.json``, to the last digit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+RECORDED = Path(__file__).parent / "data" / "port"
+#: small, but every moving part: sampling (2 of 3 train), both models, evaluation
+PORT_CONFIG = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp",
+               "num-server-rounds": 2, "batch-size": 32, "seed": 7, "fraction-train": 0.67}
+ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
+
+
+def run_recorded(simlink, out: Path, algorithm: str) -> tuple[list, list]:
+    """Run ``algorithm`` with the port's config: its metrics (without seconds), clients."""
+    log = simlink.run({**PORT_CONFIG, "algorithm": algorithm, "output-dir": str(out),
+                       "run-name": algorithm})
+    run_dir = out / algorithm
+    assert (run_dir / "metrics.json").exists(), log[-3000:]
+    metrics = [{k: v for k, v in r.items() if k != "seconds"}
+               for r in json.loads((run_dir / "metrics.json").read_text())]
+    return metrics, json.loads((run_dir / "clients.json").read_text())
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_ported_algorithm_equals_its_recorded_run(simlink, tmp_path, algorithm):
+    metrics, clients = run_recorded(simlink, tmp_path, algorithm)
+    recorded = json.loads((RECORDED / f"{algorithm}.json").read_text())
+    assert metrics == recorded["metrics"]
+    assert clients == recorded["clients"]
+    for r in metrics:  # each fills only its own keys
+        assert (r["local_accuracy"] is None) == (algorithm in ("fedavg", "fedprox"))
+        assert (r["meme_accuracy"] is None) == (algorithm == "local")
+        assert (r["bytes_up"] == 0) == (algorithm == "local")
+    assert (tmp_path / algorithm / "meme_final.pt").exists() == (algorithm != "local")
+
+
+if __name__ == "__main__":  # record: python -m tests.test_algorithm_port (old code only)
+    import tempfile
+
+    from common.flwr_local import SimLink
+
+    with tempfile.TemporaryDirectory() as tmp, SimLink(Path(tmp) / "home") as link:
+        for name in ALGORITHMS:
+            m, c = run_recorded(link, Path(tmp) / "out", name)
+            RECORDED.mkdir(parents=True, exist_ok=True)
+            (RECORDED / f"{name}.json").write_text(
+                json.dumps({"metrics": m, "clients": c}, indent=1) + "\n")
+            print("recorded", name)
