@@ -18,21 +18,14 @@ from torch import nn
 from client import private
 from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
+from common.algorithms.base import Evaluation
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
 from common.models import TaskSpec, build_model
-from common.options import Precision
 from common.profiling import phase
-from common.records import load_into, to_record
+from common.records import load_into, meme_record, to_record
 from common.runtime import derive_seed, resolve_device
-from common.training import (
-    Hyper,
-    TrainStats,
-    evaluate,
-    evaluate_mixture,
-    make_optimizer,
-    train_epochs,
-)
+from common.training import TrainStats, evaluate, make_optimizer, train_epochs
 
 app = ClientApp(mods=[audit_mod])
 
@@ -52,38 +45,44 @@ def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientD
     return data
 
 
-def _meme(cfg: Config, spec: TaskSpec, arrays: ArrayRecord, device: torch.device) -> nn.Module:
-    """The meme as received from the server, strictly loaded."""
+def _received(cfg: Config, spec: TaskSpec, content: RecordDict,
+              device: torch.device) -> dict[str, nn.Module]:
+    """The shared models as received from the server, strictly loaded (by slot name)."""
+    slot = cfg.algorithm.spec.shared
+    if slot is None:
+        return {}
     meme = build_model(cfg.meme_model, spec)
-    load_into(meme, arrays, what="meme received from the server")
-    return meme.to(device)
+    load_into(meme, meme_record(content), what="meme received from the server")
+    return {slot.name: meme.to(device)}
 
 
-def _hyper(cfg: Config, config: ConfigRecord, priv: private.PrivateModel | None) -> Hyper:
-    """This update's hyper-parameters: distillation only for ``fml``, and not while the
-    private model warms up on the labels alone."""
-    algo = cfg.algorithm
-    warming_up = priv is not None and priv.node_round < cfg.warmup_rounds
-    return Hyper(alpha=cfg.alpha if algo.distills and not warming_up else 1.0,
-                 beta=cfg.beta if algo.distills else 1.0, temperature=cfg.temperature,
-                 proximal_mu=float(config.get("proximal-mu", 0.0)),
-                 batch_size=cfg.batch_size, epochs=cfg.local_epochs, distill=cfg.distill,
-                 mix=priv.mix if cfg.personal_mix and priv is not None else None,
-                 mix_lr=cfg.lr,
-                 autocast=torch.bfloat16 if cfg.precision is Precision.BF16 else None,
-                 compile=cfg.torch_compile)
+def _models(cfg: Config, context: Context, node: private.NodeInfo, spec: TaskSpec,
+            content: RecordDict, device: torch.device, lineage: str, max_round: int,
+            ) -> tuple[dict[str, nn.Module], private.PrivateModel | None]:
+    """Every model of the algorithm's slots, in slot order: the shared ones as received,
+    the private ones restored (a private model that never trained may start from what was
+    received, as the algorithm says)."""
+    algo = cfg.algorithm.spec
+    received = _received(cfg, spec, content, device)
+    priv = (private.restore(context, cfg, node, spec, device, lineage, max_round, algo.private)
+            if algo.private else None)
+    if priv is not None and priv.node_round == 0 and received:
+        algo.warm_start(priv.models, received)
+    own = priv.models if priv is not None else {}
+    return {s.name: own[s.name] if s.name in own else received[s.name]
+            for s in algo.slots}, priv
 
 
-def _train_metrics(stats: TrainStats) -> dict[str, float | int]:
-    """The reply's scalars: sample count, skipped steps, each trained model's loss/accuracy."""
+def _train_metrics(stats: TrainStats, mix: float | None) -> dict[str, float | int]:
+    """The reply's scalars: sample count, skipped steps, each trained model's loss and
+    accuracy (``train-loss-<slot>``, ``train-acc-<slot>``)."""
     metrics: dict[str, float | int] = {"num-examples": stats.num_examples,
                                        "skipped-steps": stats.skipped_steps}
-    if stats.loss_local is not None:
-        metrics.update({"train-loss-local": stats.loss_local, "train-acc-local": stats.acc_local})
-    if stats.loss_meme is not None:
-        metrics.update({"train-loss-meme": stats.loss_meme, "train-acc-meme": stats.acc_meme})
-    if stats.mix is not None:
-        metrics["mix-weight"] = stats.mix
+    for name, loss in stats.losses.items():
+        metrics.update({f"train-loss-{name}": loss,
+                        f"train-acc-{name}": stats.accuracies[name]})
+    if mix is not None:
+        metrics["mix-weight"] = mix
     return metrics
 
 
@@ -106,66 +105,70 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secure_mod, legacy_mod, compress_mod, dp_clip_mod, fault_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One local update: restore the private model, train it with the meme, reply the meme."""
+    """One local update of the algorithm's models; reply the shared one (the meme)."""
     cfg = load_config(context.run_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
+    algo = cfg.algorithm.spec
     step = partial(phase, "client", server_round=server_round, client=node.client_key)
     with step("train.data"):
         data = _client_data(cfg, node, spec)
     device = resolve_device(cfg.device)
-    algo = cfg.algorithm
     lineage = str(config.get("lineage", ""))
     with step("train.models-in"):
-        meme = _meme(cfg, spec, msg.content["arrays"], device) if algo.trains_meme else None
-        opt_meme = make_optimizer(meme, cfg) if meme is not None else None  # fresh each round
-        priv = (private.restore(context, cfg, node, spec, device, lineage, server_round - 1)
-                if algo.trains_local else None)
+        models, priv = _models(cfg, context, node, spec, msg.content, device, lineage,
+                               server_round - 1)
+        optimizers = {name: priv.optimizers[name] if priv and name in priv.optimizers
+                      else make_optimizer(model, cfg)  # shared: fresh each round
+                      for name, model in models.items()}
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
+    hp = algo.hyper(cfg, config, priv.node_round if priv else 0, priv.mix if priv else 0.5)
     with step("train.sgd", device=str(device)):
-        stats = train_epochs(priv.model if priv else None, meme,
-                             priv.optimizer if priv else None, opt_meme, data.x_train,
-                             data.y_train, _hyper(cfg, config, priv), gen, device)
+        stats = train_epochs(models, optimizers, algo, data.x_train, data.y_train, hp, gen,
+                             device)
     with step("train.models-out"):
         if priv is not None:
             priv.mix = stats.mix if stats.mix is not None else priv.mix
             priv.node_round += 1
             priv.server_round, priv.lineage = server_round, lineage
             private.store(context, cfg, priv, node)
-        arrays = to_record(meme.state_dict()) if meme is not None else ArrayRecord()
-    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord(_train_metrics(stats))}),
+        shared = algo.shared
+        arrays = (to_record(models[shared.name].state_dict()) if shared is not None
+                  else ArrayRecord())
+    return Message(RecordDict({"arrays": arrays,
+                               "metrics": MetricRecord(_train_metrics(stats, stats.mix))}),
                    reply_to=msg)
 
 
 @app.evaluate()
 def evaluate_both(msg: Message, context: Context) -> Message:
-    """Both models on this client's own held-out split (personalised accuracy)."""
+    """The algorithm's models on this client's own held-out split (personalised accuracy):
+    ``local-*`` the client's own model, ``meme-*`` the shared one."""
     cfg = load_config(context.run_config)
     config = msg.content["config"]
     spec = _task_spec(config)
     node = private.node_info(cfg, context)
     device = resolve_device(cfg.device)
     server_round = int(config["server-round"])
+    algo = cfg.algorithm.spec
     step = partial(phase, "client", server_round=server_round, client=node.client_key)
     with step("evaluate.data"):
         data = _client_data(cfg, node, spec)
     metrics: dict[str, float | int] = {"num-examples": len(data.y_test)}
     with step("evaluate.models-in"):
-        priv = (private.restore(context, cfg, node, spec, device, str(config.get("lineage", "")),
-                                server_round)
-                if cfg.algorithm.trains_local else None)
-        meme = (_meme(cfg, spec, msg.content["arrays"], device) if cfg.algorithm.trains_meme
-                else None)
+        models, priv = _models(cfg, context, node, spec, msg.content, device,
+                               str(config.get("lineage", "")), server_round)
+        ev = Evaluation(cfg, data.x_train, data.y_train, device,
+                        derive_seed(cfg.seed, "finetune", node.client_key, server_round))
+        scored = algo.evaluated(models, ev)
     with step("evaluate.forward"):
-        for name, model in (("local", priv.model if priv else None), ("meme", meme)):
-            if model is not None:
-                loss, acc = evaluate(model, data.x_test, data.y_test, device)
+        for name in ("local", "meme"):
+            if name in scored:
+                loss, acc = evaluate(scored[name], data.x_test, data.y_test, device)
                 metrics.update({f"{name}-loss": loss, f"{name}-accuracy": acc})
-        if cfg.personal_mix:  # the client's personalised model: its mixture of the two
-            loss, acc = evaluate_mixture(priv.model, meme, priv.mix, data.x_test, data.y_test,
-                                         device)
-            metrics.update({"mix-loss": loss, "mix-accuracy": acc, "mix-weight": priv.mix})
+        metrics.update(algo.extra_metrics(models, priv.mix if priv else None, data.x_test,
+                                          data.y_test, ev))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from client.state_file import (
     save_arrays,
     write_atomic,
 )
+from common.algorithms.base import Slot
 from common.config import Config
 from common.models import TaskSpec, build_model
 from common.options import MODEL_NAMES, PrivateStore
@@ -138,42 +140,71 @@ def _create_once(path: Path, data: bytes) -> None:
 
 @dataclass
 class PrivateModel:
-    """The private model with its optimizer and counters.
+    """A client's private models (one per private slot of its algorithm) with their
+    optimizers and the counters they share.
 
-    ``node_round`` counts this model's training rounds over its whole life (it goes on
-    across runs); ``server_round`` and ``lineage`` say which round of which run trained it.
+    ``node_round`` counts training rounds over the models' whole life (it goes on across
+    runs); ``server_round`` and ``lineage`` say which round of which run trained them.
     """
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    arch: str
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    archs: dict[str, str]
     node_round: int = 0
     server_round: int = 0
     lineage: str = ""
     mix: float = 0.5  # personal-mix: the private model's weight in the client's mixture
 
+    @property
+    def model(self) -> nn.Module:
+        """The first private model (``local``: the one results call the client's own)."""
+        return next(iter(self.models.values()))
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return next(iter(self.optimizers.values()))
+
+
+LOCAL_SLOT = Slot("local")
+
+
+def _name(record: str, slot: str) -> str:
+    """A slot's record name in ``context.state`` (``local`` keeps the original names)."""
+    return record if slot == "local" else f"{record}/{slot}"
+
 
 def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
             device: torch.device, lineage: str = "", max_round: int | None = None,
-            ) -> PrivateModel:
-    """The private model: from ``context.state``, else from disk, else fresh and seeded.
+            slots: Sequence[Slot] = (LOCAL_SLOT,)) -> PrivateModel:
+    """The private models of ``slots``: from ``context.state``, else from disk, else fresh
+    and seeded (each slot with its own seed).
 
     ``max_round`` is the newest server round of run ``lineage`` whose training the caller
     may see (round R's training sees R-1, its evaluation R): after a server resume, a node
     that had already trained an interrupted round uses the version from before it.
     """
-    torch.manual_seed(derive_seed(cfg.seed, "private-init", node.client_key))
-    model = build_model(node.local_model, spec).to(device)
-    priv = PrivateModel(model, make_optimizer(model, cfg), node.local_model)
-    if cfg.private_store is PrivateStore.MEMORY and _MODEL in context.state:
+    models, optimizers, archs = {}, {}, {}
+    for slot in slots:
+        torch.manual_seed(derive_seed(cfg.seed, "private-init", node.client_key)
+                          if slot.name == "local"
+                          else derive_seed(cfg.seed, "private-init", node.client_key, slot.name))
+        archs[slot.name] = node.local_model if slot.arch == "local" else cfg.meme_model
+        models[slot.name] = build_model(archs[slot.name], spec).to(device)
+        optimizers[slot.name] = make_optimizer(models[slot.name], cfg)
+    priv = PrivateModel(models, optimizers, archs)
+    if cfg.private_store is PrivateStore.MEMORY and _META in context.state:
         meta = context.state.config_records[_META]
-        if meta["arch"] != node.local_model:
-            raise PrivateStateError(f"the private model in this node's state is a "
-                                    f"'{meta['arch']}', the node is configured for "
-                                    f"'{node.local_model}'")
-        load_into(model, context.state.array_records[_MODEL], what="private model in state")
-        optimizer_from_records(priv.optimizer, context.state.array_records[_OPTIM],
-                               context.state.config_records[_OPTIM_SCALARS])
+        for name, model in models.items():
+            arch = meta.get(_name("arch", name))
+            if arch != archs[name]:
+                raise PrivateStateError(f"the private model '{name}' in this node's state is "
+                                        f"a '{arch}', the node is configured for "
+                                        f"'{archs[name]}'")
+            load_into(model, context.state.array_records[_name(_MODEL, name)],
+                      what=f"private model '{name}' in state")
+            optimizer_from_records(optimizers[name],
+                                   context.state.array_records[_name(_OPTIM, name)],
+                                   context.state.config_records[_name(_OPTIM_SCALARS, name)])
         priv.node_round, priv.server_round = int(meta["node-round"]), int(meta["server-round"])
         priv.lineage = str(meta["lineage"])
         priv.mix = float(meta.get("mix", 0.5))
@@ -187,33 +218,40 @@ def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
 
 
 def store(context: Context, cfg: Config, priv: PrivateModel, node: NodeInfo) -> None:
-    """Keep the trained private model for the next round: in the node's state unless
+    """Keep the trained private models for the next round: in the node's state unless
     ``private-store`` is ``disk``, and on disk when a state folder is set."""
     if cfg.private_store is PrivateStore.MEMORY:
-        arrays, scalars = optimizer_to_records(priv.optimizer)
-        context.state[_MODEL] = to_record(priv.model.state_dict())
-        context.state[_OPTIM] = arrays
-        context.state[_OPTIM_SCALARS] = scalars
-        context.state[_META] = ConfigRecord({
-            "arch": priv.arch, "node-round": priv.node_round,
-            "server-round": priv.server_round, "lineage": priv.lineage, "mix": priv.mix})
+        meta = {"node-round": priv.node_round, "server-round": priv.server_round,
+                "lineage": priv.lineage, "mix": priv.mix}
+        for name, model in priv.models.items():
+            arrays, scalars = optimizer_to_records(priv.optimizers[name])
+            context.state[_name(_MODEL, name)] = to_record(model.state_dict())
+            context.state[_name(_OPTIM, name)] = arrays
+            context.state[_name(_OPTIM_SCALARS, name)] = scalars
+            meta[_name("arch", name)] = priv.archs[name]
+        context.state[_META] = ConfigRecord(meta)
     if node.state_file is not None:
         write_atomic(node.state_file, {
-            "format": FILE_FORMAT, "arch": priv.arch, "node_round": priv.node_round,
+            "format": FILE_FORMAT, "node_round": priv.node_round,
             "server_round": priv.server_round, "lineage": priv.lineage, "mix": priv.mix,
-            "model": {k: v.detach().cpu() for k, v in priv.model.state_dict().items()},
-            "optimizer": cpu(priv.optimizer.state_dict())})
+            "models": {name: {"arch": priv.archs[name],
+                              "model": {k: v.detach().cpu()
+                                        for k, v in model.state_dict().items()},
+                              "optimizer": cpu(priv.optimizers[name].state_dict())}
+                       for name, model in priv.models.items()}})
 
 
-def stored_model(context: Context, cfg: Config, node: NodeInfo) -> dict[str, np.ndarray] | None:
-    """The private weights this node keeps (tests and audits), or None before training."""
+def stored_model(context: Context, cfg: Config, node: NodeInfo,
+                 slot: str = "local") -> dict[str, np.ndarray] | None:
+    """The private weights of ``slot`` this node keeps (tests and audits), or None."""
     if cfg.private_store is PrivateStore.MEMORY:
-        record = context.state.array_records.get(_MODEL)
+        record = context.state.array_records.get(_name(_MODEL, slot))
         return {k: a.numpy() for k, a in record.items()} if record is not None else None
     path = node.state_file
     if path is None or not path.exists():
         return None
-    return {k: v.numpy() for k, v in read_state_file(path)["model"].items()}
+    saved = read_state_file(path)["models"].get(slot)
+    return {k: v.numpy() for k, v in saved["model"].items()} if saved is not None else None
 
 
 def _arrays_file(node: NodeInfo, name: str) -> Path:
@@ -240,20 +278,26 @@ def kept_arrays(context: Context, cfg: Config, node: NodeInfo, name: str,
 
 
 def _load_saved(priv: PrivateModel, saved: dict, path: Path) -> None:
-    if saved["arch"] != priv.arch:
-        raise PrivateStateError(f"private state file {path} holds a '{saved['arch']}' model, "
-                                f"this node is configured for '{priv.arch}'")
-    own = priv.model.state_dict()
-    for k, v in saved["model"].items():
-        if k in own and tuple(v.shape) != tuple(own[k].shape):
-            raise PrivateStateError(f"private state file {path}: '{k}' has shape "
-                                    f"{tuple(v.shape)}, the model expects {tuple(own[k].shape)}")
-    try:
-        priv.model.load_state_dict(saved["model"], strict=True)
-        priv.optimizer.load_state_dict(saved["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise PrivateStateError(f"private state file {path} does not fit the model: "
-                                f"{exc}") from None
+    for name, model in priv.models.items():
+        entry = saved["models"].get(name)
+        if entry is None:
+            raise PrivateStateError(f"private state file {path} holds the models "
+                                    f"{sorted(saved['models'])}, this algorithm needs '{name}'")
+        if entry["arch"] != priv.archs[name]:
+            raise PrivateStateError(f"private state file {path} holds a '{entry['arch']}' "
+                                    f"model, this node is configured for '{priv.archs[name]}'")
+        own = model.state_dict()
+        for k, v in entry["model"].items():
+            if k in own and tuple(v.shape) != tuple(own[k].shape):
+                raise PrivateStateError(f"private state file {path}: '{k}' has shape "
+                                        f"{tuple(v.shape)}, the model expects "
+                                        f"{tuple(own[k].shape)}")
+        try:
+            model.load_state_dict(entry["model"], strict=True)
+            priv.optimizers[name].load_state_dict(entry["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise PrivateStateError(f"private state file {path} does not fit the model: "
+                                    f"{exc}") from None
     priv.node_round, priv.server_round = int(saved["node_round"]), int(saved["server_round"])
     priv.lineage = str(saved["lineage"])
     priv.mix = float(saved.get("mix", 0.5))  # files from before personal-mix: the default

@@ -15,7 +15,7 @@ import torch
 
 from common.atomic import atomic_write
 
-FILE_FORMAT = 1
+FILE_FORMAT = 2  # 2: one entry per private model under "models"; 1 (one model) still loads
 
 
 class PrivateStateError(RuntimeError):
@@ -49,13 +49,25 @@ def read_state_file(path: Path) -> dict:
         raise PrivateStateError(f"private state file {path} is corrupt or truncated "
                                 f"({type(exc).__name__}: {exc}); fix or move it, or set "
                                 "reset-private=true to start a fresh private model") from None
-    need = {"format", "arch", "node_round", "server_round", "lineage", "model", "optimizer"}
-    if not isinstance(saved, dict) or not need <= set(saved):
+    if not isinstance(saved, dict) or saved.get("format") not in (1, FILE_FORMAT):
+        got = saved.get("format") if isinstance(saved, dict) else None
+        raise PrivateStateError(f"private state file {path} has format {got!r}, this version "
+                                f"reads 1 and {FILE_FORMAT} (is it a fedmutual state file?)")
+    if saved["format"] == 1:  # one private model, at the top level: the slot 'local'
+        need = {"arch", "node_round", "server_round", "lineage", "model", "optimizer"}
+        if not need <= set(saved):
+            raise PrivateStateError(f"private state file {path} is not a fedmutual state "
+                                    f"file (expected keys {sorted(need)})")
+        saved = {**saved, "models": {"local": {k: saved.pop(k)
+                                               for k in ("arch", "model", "optimizer")}}}
+    need = {"node_round", "server_round", "lineage", "models"}
+    models = saved.get("models")
+    if not need <= set(saved) or not isinstance(models, dict) or not all(
+            isinstance(m, dict) and {"arch", "model", "optimizer"} <= set(m)
+            for m in models.values()):
         raise PrivateStateError(f"private state file {path} is not a fedmutual state file "
-                                f"(expected keys {sorted(need)})")
-    if saved["format"] != FILE_FORMAT:
-        raise PrivateStateError(f"private state file {path} has format {saved['format']}, "
-                                f"this version reads {FILE_FORMAT}")
+                                f"(expected keys {sorted(need)}, each model with arch, model "
+                                "and optimizer)")
     return saved
 
 

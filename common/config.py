@@ -14,6 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 from common.faults import Fault, parse_faults
@@ -70,6 +71,7 @@ class Config:
     warmup_rounds: int
     personal_mix: bool
     proximal_mu: float
+    finetune_epochs: int
     aggregation: Aggregation
     trimmed_mean_beta: float
     num_malicious: int
@@ -203,8 +205,24 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
     """Validate a Flower run config (kebab-case keys) and return it typed.
 
     Missing keys take the schema default; unknown keys are refused, since a typo would
-    otherwise be silently ignored.
+    otherwise be silently ignored. A run config is parsed once per process: every mod and
+    handler of a message asks again, and gets the same frozen ``Config``.
     """
+    try:  # typed: 1, 1.0 and True are equal keys of a cache, not equal run configs
+        frozen = tuple(sorted((k, type(v), v) for k, v in run_config.items()))
+        hash(frozen)
+    except TypeError:  # unhashable or unorderable values: parse (and refuse) them as they are
+        return _load(run_config)
+    return _load_frozen(frozen)
+
+
+@lru_cache(maxsize=16)
+def _load_frozen(items: tuple[tuple[str, type, Any], ...]) -> Config:
+    return _load({k: v for k, _, v in items})
+
+
+def _load(run_config: Mapping[str, Any]) -> Config:
+    """:func:`load_config`, uncached."""
     unknown = sorted(set(run_config) - set(BY_NAME))
     if unknown:
         raise ConfigError(
@@ -215,14 +233,9 @@ def load_config(run_config: Mapping[str, Any]) -> Config:
         k.name.replace("-", "_"): _coerce(k, run_config.get(k.name, k.default)) for k in SCHEMA
     }
     cfg = Config(**values)
-    if cfg.algorithm is Algorithm.FEDPROX and cfg.proximal_mu == 0:
-        raise ConfigError(
-            "run-config key 'proximal-mu' = 0 with algorithm 'fedprox' is just 'fedavg': "
-            "expected a number > 0"
-        )
-    if cfg.aggregation.robust and cfg.algorithm is Algorithm.LOCAL:
-        raise ConfigError(f"run-config key 'aggregation' = {cfg.aggregation.value!r} needs a "
-                          "meme, but algorithm 'local' aggregates nothing: expected 'weighted'")
+    reason = cfg.algorithm.spec.check(cfg)
+    if reason:
+        raise ConfigError(reason)
     if cfg.personal_mix and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'personal-mix' = true mixes the private model and "
                           f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "

@@ -10,6 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from common.algorithms import REGISTRY
+from common.algorithms import get as get_algorithm
+
+if TYPE_CHECKING:
+    from common.algorithms.base import Algorithm as _AlgorithmSpec
 
 DATASET_NAMES: tuple[str, ...] = (
     "fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "npz",
@@ -18,28 +25,27 @@ DATASET_NAMES: tuple[str, ...] = (
 MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn-bn", "mlp", "cnn-cifar", "resnet18")
 
 
-class Algorithm(StrEnum):
-    """The training algorithms of the harness; the only place that maps names to behaviour."""
+class _Algorithm(StrEnum):
+    """The run-config key ``algorithm``: one member per registered algorithm
+    (:mod:`common.algorithms`), whose module says what it does."""
 
-    FML = "fml"
-    FEDAVG = "fedavg"
-    FEDPROX = "fedprox"
-    LOCAL = "local"
+    @property
+    def spec(self) -> _AlgorithmSpec:
+        """The algorithm's module object (slots, losses, evaluation)."""
+        return get_algorithm(self.value)
 
     @property
     def trains_local(self) -> bool:
-        """Whether clients train a private local model."""
-        return self in (Algorithm.FML, Algorithm.LOCAL)
+        """Whether clients keep private models (never sent)."""
+        return bool(self.spec.private)
 
     @property
     def trains_meme(self) -> bool:
-        """Whether clients train (and the server aggregates) the shared meme model."""
-        return self is not Algorithm.LOCAL
+        """Whether clients train (and the server combines) the shared meme."""
+        return self.spec.shared is not None
 
-    @property
-    def distills(self) -> bool:
-        """Whether local and meme distil from each other (deep mutual learning)."""
-        return self is Algorithm.FML
+
+Algorithm = _Algorithm("Algorithm", {n.upper().replace("-", "_"): n for n in REGISTRY})
 
 
 class Aggregation(StrEnum):

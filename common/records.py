@@ -10,7 +10,7 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
 
@@ -39,6 +39,14 @@ def load_into(model: nn.Module, record: ArrayRecord, what: str = "model") -> Non
                              f"expects {tuple(ref.shape)}")
         new[k] = torch.from_numpy(np.asarray(arr)).to(ref.dtype)
     model.load_state_dict(new, strict=True)
+
+
+MEME = "arrays"  # the record that carries the meme, in every message either way
+
+
+def meme_record(content: RecordDict) -> ArrayRecord:
+    """The meme's record of a message's content, found by name."""
+    return content[MEME]
 
 
 def record_bytes(record: ArrayRecord) -> int:

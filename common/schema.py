@@ -129,10 +129,8 @@ GROUPS = ("training", "mutual learning", "data", "aggregation", "privacy", "depl
 T, M, D, A, P, DEP, R = GROUPS
 SCHEMA: tuple[Key, ...] = (
     # ---------------------------------------------------------------- training
-    Key("algorithm", Algorithm, Algorithm.FML, T,
-        "`fml`: private model + meme, mutual distillation; `fedavg`: the meme only, CE; "
-        "`fedprox`: the meme only, Flower's FedProx (`proximal-mu`); `local`: the private "
-        "model only, nothing aggregated"),
+    Key("algorithm", Algorithm, Algorithm.FML, T, "; ".join(
+        f"`{a.value}`: {a.spec.summary}" for a in Algorithm)),
     Key("num-server-rounds", int, 5, T, "rounds", *_ints(1), resumable=True),
     Key("local-epochs", int, 1, T, "epochs of local training per round", *_ints(1)),
     Key("batch-size", int, 32, T, "local training batch size", *_ints(1)),
@@ -143,6 +141,8 @@ SCHEMA: tuple[Key, ...] = (
         "a finite number >= 0"),
     Key("proximal-mu", float, 0.01, T, "FedProx's μ (`fedprox` only)", _non_negative,
         "a finite number >= 0"),
+    Key("finetune-epochs", int, 1, T, "`fedavg-ft`: epochs each client fine-tunes the "
+        "global model on its training split before it is evaluated", *_ints(1)),
     Key("meme-model", str, "cnn", T,
         "the shared model: `cnn` (FedAvg/PFLlib 2-conv CNN), `cnn-bn` (the same with "
         "BatchNorm), `mlp` (2×200), `cnn-cifar` (FedAvg CIFAR CNN), `resnet18` "

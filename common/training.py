@@ -1,5 +1,6 @@
-"""One local update and the evaluation of the two models: the loop that feeds the losses of
-``common/mutual.py`` batch by batch. Plain PyTorch; nothing here knows about Flower.
+"""One local update and the evaluation of the models: the loop that feeds an algorithm's
+losses (``common/algorithms``) batch by batch. Plain PyTorch; nothing here knows about
+Flower.
 """
 
 from __future__ import annotations
@@ -7,21 +8,19 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import ConfigError
-from common.mutual import (
-    label_log_prior,
-    mixture_step,
-    mutual_losses,
-    proximal_term,
-    seen_log_mask,
-)
-from common.options import Distill, DistillPrior
+from common.options import Distill
+
+if TYPE_CHECKING:
+    from common.algorithms.base import Algorithm
 
 
 @dataclass
@@ -43,104 +42,77 @@ class Hyper:
 
 @dataclass
 class TrainStats:
-    """Mean losses and accuracies over the samples seen; None for a model not trained."""
+    """Per trained model: mean loss over the samples it stepped on; per model seen: accuracy."""
 
     num_examples: int
-    loss_local: float | None
-    loss_meme: float | None
-    acc_local: float | None
-    acc_meme: float | None
+    losses: dict[str, float]
+    accuracies: dict[str, float]
     skipped_steps: int = 0  # optimizer steps not taken because the loss was NaN/Inf
-    mix: float | None = None  # the learned mixture weight (personal-mix), else None
+    mix: float | None = None  # what the algorithm learnt besides weights (personal-mix)
+
+    @property
+    def loss_local(self) -> float | None:
+        return self.losses.get("local")
+
+    @property
+    def loss_meme(self) -> float | None:
+        return self.losses.get("meme")
 
 
 def train_epochs(
-    local: nn.Module | None,
-    meme: nn.Module | None,
-    opt_local: torch.optim.Optimizer | None,
-    opt_meme: torch.optim.Optimizer | None,
+    models: Mapping[str, nn.Module],
+    optimizers: Mapping[str, torch.optim.Optimizer],
+    algorithm: Algorithm,
     x: torch.Tensor,
     y: torch.Tensor,
     hp: Hyper,
     generator: torch.Generator,
     device: torch.device,
 ) -> TrainStats:
-    """Train on (x, y) for ``hp.epochs``; both models see the same shuffled batches.
-
-    With both models: mutual learning, both updated every step. With one model (FedAvg,
-    FedProx, local-only): plain cross-entropy, plus FedProx's proximal term when μ > 0.
-    The data stays in memory: batches are index slices, no DataLoader workers.
+    """Train on (x, y) for ``hp.epochs``: every model sees the same shuffled batches, the
+    algorithm turns all of their logits into each trained model's loss, and each one steps
+    on its own optimizer, in slot order. A non-finite loss is never stepped on. The data
+    stays in memory: batches are index slices, no DataLoader workers.
     """
-    if local is None and meme is None:
+    if not models:
         raise ValueError("train_epochs needs at least one model")
-    mutual = local is not None and meme is not None
-    anchor = ([p.detach().clone() for p in meme.parameters()]
-              if meme is not None and hp.proximal_mu > 0 else None)
-    models = [m for m in (local, meme) if m is not None]
-    for m in models:
+    for m in models.values():
         m.train()
-    sums = {"ll": 0.0, "lm": 0.0, "cl": 0, "cm": 0}
-    n_seen = skipped = 0
-    n_loss = {"l": 0, "m": 0}  # samples whose loss was finite (and stepped on)
     x, y = x.to(device), y.to(device)
-    fwd_l = compiled(local, device) if hp.compile and local is not None else local
-    fwd_m = compiled(meme, device) if hp.compile and meme is not None else meme
-    log_prior = None
-    want_prior = mutual and hp.distill.prior is not DistillPrior.NONE
-    mix = hp.mix if mutual else None
+    forward = {k: compiled(m, device) if hp.compile else m for k, m in models.items()}
+    state = algorithm.begin(models, y, hp)
+    loss_sum = dict.fromkeys(models, 0.0)
+    loss_n = dict.fromkeys(models, 0)  # samples whose loss was finite (and stepped on)
+    correct = dict.fromkeys(models, 0)
+    trained: set[str] = set()
+    n_seen = skipped = 0
     for _ in range(hp.epochs):
         order = torch.randperm(len(y), generator=generator).to(device)
         for start in range(0, len(y), hp.batch_size):
             batch = order[start:start + hp.batch_size]
             xb, yb = x[batch], y[batch]
             with _autocast(device, hp.autocast):
-                out_l = fwd_l(xb) if local is not None else None
-                out_m = fwd_m(xb) if meme is not None else None
+                out = {k: f(xb) for k, f in forward.items()}
             if hp.autocast is not None:  # the losses and their softmaxes in float32
-                out_l = out_l.float() if out_l is not None else None
-                out_m = out_m.float() if out_m is not None else None
-            if mix is not None and bool(out_l.isfinite().all() and out_m.isfinite().all()):
-                mix = mixture_step(out_l, out_m, yb, mix, hp.mix_lr)
-            if want_prior and log_prior is None:
-                log_prior = (label_log_prior(y, out_m.shape[1])
-                             if hp.distill.prior is DistillPrior.CLIENT
-                             else seen_log_mask(y, out_m.shape[1]))
-            if mutual:
-                # a diverged model (non-finite logits) is never a teacher: the other one
-                # learns from the labels alone, so a meme blown up by DP noise or a bad
-                # learning rate cannot turn the private model into NaNs
-                finite_l, finite_m = bool(out_l.isfinite().all()), bool(out_m.isfinite().all())
-                loss_l, loss_m = mutual_losses(out_l, out_m, yb,
-                                               hp.alpha if finite_m else 1.0,
-                                               hp.beta if finite_l else 1.0, hp.temperature,
-                                               hp.distill, log_prior)
-            else:
-                loss_l = F.cross_entropy(out_l, yb) if out_l is not None else None
-                loss_m = F.cross_entropy(out_m, yb) if out_m is not None else None
-            if loss_m is not None and anchor is not None:
-                loss_m = loss_m + hp.proximal_mu * proximal_term(meme, anchor)
-            for loss, opt, key in ((loss_l, opt_local, "l"), (loss_m, opt_meme, "m")):
-                if loss is None:
-                    continue
+                out = {k: v.float() for k, v in out.items()}
+            for key, loss in algorithm.losses(out, yb, hp, state).items():
+                trained.add(key)
                 if not bool(loss.isfinite()):  # never step on a NaN/Inf loss
                     skipped += 1
                     continue
+                opt = optimizers[key]
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sums[f"l{key}"] += loss.item() * len(yb)
-                n_loss[key] += len(yb)
-            if out_l is not None:
-                sums["cl"] += (out_l.argmax(1) == yb).sum().item()
-            if out_m is not None:
-                sums["cm"] += (out_m.argmax(1) == yb).sum().item()
+                loss_sum[key] += loss.item() * len(yb)
+                loss_n[key] += len(yb)
+            for key, logits in out.items():
+                correct[key] += (logits.argmax(1) == yb).sum().item()
             n_seen += len(yb)
-
-    def mean(key: str, model: nn.Module | None, n: int) -> float | None:
-        return None if model is None else (sums[key] / n if n else float("nan"))
-
-    return TrainStats(len(y), mean("ll", local, n_loss["l"]), mean("lm", meme, n_loss["m"]),
-                      mean("cl", local, n_seen), mean("cm", meme, n_seen), skipped, mix)
+    losses = {k: loss_sum[k] / loss_n[k] if loss_n[k] else float("nan")
+              for k in models if k in trained}
+    accuracies = {k: correct[k] / n_seen if n_seen else float("nan") for k in models}
+    return TrainStats(len(y), losses, accuracies, skipped, algorithm.end(state))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

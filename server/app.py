@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from torch import nn
 
-from common.config import Algorithm, Config, ConfigError, load_config
+from common.config import Config, ConfigError, load_config
 from common.data import central_test_set, dataset_spec
 from common.models import TaskSpec, build_model
 from common.records import load_into, to_record
@@ -143,8 +143,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.template = template_of(initial)
         task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
                 "lineage": run_log.run_dir.name}
-        if cfg.algorithm is Algorithm.FEDPROX:
-            task["proximal-mu"] = cfg.proximal_mu
+        task.update(cfg.algorithm.spec.train_config(cfg))
         run_rounds(wrap_dp(strategy), grid, initial, first=done + 1,
                    last=cfg.num_server_rounds, train_config=ConfigRecord(task),
                    evaluate_config=ConfigRecord(dict(task)), timeout=cfg.round_timeout,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -29,10 +30,10 @@ State = dict[str, np.ndarray]
 NUMPY_STYPE = "numpy.ndarray"
 MAX_HEADER = 4096  # bytes of an .npy header we parse at most (honest ones are < 200)
 ARRAYS, METRICS = "arrays", "metrics"  # the records' names in every reply
-#: the metrics a train reply may carry; anything else is refused (keys from a known set)
-TRAIN_METRICS = frozenset({"num-examples", "skipped-steps", "train-loss-local",
-                           "train-acc-local", "train-loss-meme", "train-acc-meme",
-                           "mix-weight"})
+#: the metrics a train reply may carry (and each slot's ``train-loss-<slot>`` and
+#: ``train-acc-<slot>``, :data:`SLOT_METRIC`); anything else is refused
+TRAIN_METRICS = frozenset({"num-examples", "skipped-steps", "mix-weight"})
+SLOT_METRIC = re.compile(r"train-(loss|acc)-[a-z][a-z0-9]{0,15}(-[a-z0-9]{1,15}){0,2}")
 #: the metrics an evaluation reply may carry
 EVALUATE_METRICS = frozenset({"num-examples", "local-accuracy", "local-loss",
                               "meme-accuracy", "meme-loss", "mix-accuracy", "mix-loss",
@@ -136,7 +137,7 @@ def _scalars(record: Mapping, allowed: frozenset[str]) -> dict[str, float]:
     """The metrics as finite Python numbers: known keys only; accuracies in [0, 1]."""
     out: dict[str, float] = {}
     for key in record.keys():
-        if key not in allowed:
+        if key not in allowed and not (allowed is TRAIN_METRICS and SLOT_METRIC.fullmatch(key)):
             raise Rejected(f"unexpected metric '{key}'")
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, int | float):

@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
+from common.algorithms import get as get_algorithm
 from common.flwr_local import ROOT, save_benchmark
 from common.models import TaskSpec, build_model
 from common.training import Hyper, make_optimizer, train_epochs
@@ -45,7 +46,9 @@ def samples_per_second(device: torch.device, batch_size: int, steps: int,
     hp = Hyper(batch_size=batch_size, **VARIANTS[variant])
 
     def one_pass(count: int) -> None:
-        train_epochs(local, meme, *opts, x[:count], y[:count], hp,
+        train_epochs({"local": local, "meme": meme}, dict(zip(("local", "meme"), opts,
+                                                              strict=True)),
+                     get_algorithm("fml"), x[:count], y[:count], hp,
                      torch.Generator().manual_seed(0), device)
 
     one_pass(min(n, 20 * batch_size))  # warm-up: kernels chosen, memory allocated

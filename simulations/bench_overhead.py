@@ -27,7 +27,7 @@ from common.data import central_test_set, dataset_spec, load_client_data
 from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.models import build_model
 from common.runtime import derive_seed, resolve_device, seed_everything
-from common.training import Hyper, evaluate, make_optimizer, train_epochs
+from common.training import evaluate, make_optimizer, train_epochs
 from server.aggregate import weighted
 
 
@@ -43,7 +43,7 @@ def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
     torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
     global_state = build_model(cfg.meme_model, spec).state_dict()
     private: dict[int, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
-    hp = Hyper(cfg.alpha, cfg.beta, cfg.temperature, 0.0, cfg.batch_size, cfg.local_epochs)
+    hp = cfg.algorithm.spec.hyper(cfg, {}, 0)
     per_round = []
     for rnd in range(1, cfg.num_server_rounds + 1):
         t_round = time.perf_counter()
@@ -58,8 +58,10 @@ def plain_loop(run_config: dict[str, Any], clients: int) -> dict[str, Any]:
                 private[pid] = (local, make_optimizer(local, cfg))
             local, opt_local = private[pid]
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", pid, rnd))
-            stats = train_epochs(local, meme, opt_local, make_optimizer(meme, cfg),
-                                 data.x_train, data.y_train, hp, gen, device)
+            stats = train_epochs({"local": local, "meme": meme},
+                                 {"local": opt_local, "meme": make_optimizer(meme, cfg)},
+                                 cfg.algorithm.spec, data.x_train, data.y_train, hp, gen,
+                                 device)
             states.append({k: v.detach().cpu().numpy() for k, v in meme.state_dict().items()})
             weights.append(stats.num_examples)
         avg = weighted(states, weights)

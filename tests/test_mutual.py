@@ -7,8 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.algorithms import get
 from common.mutual import distillation_kl, mutual_losses
 from common.training import Hyper, evaluate, train_epochs
+
+FML, LOCAL_ONLY, FEDPROX = get("fml"), get("local"), get("fedprox")
 
 
 def _softmax(row):
@@ -94,11 +97,11 @@ def test_alpha_one_training_equals_independent_ce_training():
     hp = Hyper(alpha=1.0, beta=1.0, batch_size=8, epochs=2)
     local, ol = fresh(1)
     meme, om = fresh(2)
-    train_epochs(local, meme, ol, om, x, y, hp, torch.Generator().manual_seed(7),
-                 torch.device("cpu"))
+    train_epochs({"local": local, "meme": meme}, {"local": ol, "meme": om}, FML, x, y, hp,
+                 torch.Generator().manual_seed(7), torch.device("cpu"))
     alone, oa = fresh(1)
-    train_epochs(alone, None, oa, None, x, y, hp, torch.Generator().manual_seed(7),
-                 torch.device("cpu"))
+    train_epochs({"local": alone}, {"local": oa}, LOCAL_ONLY, x, y, hp,
+                 torch.Generator().manual_seed(7), torch.device("cpu"))
     for p, q in zip(local.parameters(), alone.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6)
 
@@ -110,8 +113,9 @@ def test_mutual_training_learns_and_reports_both():
     x = protos[y] + torch.randn(300, 10)
     local, meme = nn.Linear(10, 3), nn.Linear(10, 3)
     before = evaluate(meme, x, y, torch.device("cpu"))[1]
-    stats = train_epochs(local, meme, torch.optim.SGD(local.parameters(), lr=0.1),
-                         torch.optim.SGD(meme.parameters(), lr=0.1), x, y,
+    stats = train_epochs({"local": local, "meme": meme},
+                         {"local": torch.optim.SGD(local.parameters(), lr=0.1),
+                          "meme": torch.optim.SGD(meme.parameters(), lr=0.1)}, FML, x, y,
                          Hyper(batch_size=16, epochs=3), torch.Generator().manual_seed(0),
                          torch.device("cpu"))
     assert stats.num_examples == 300
@@ -138,11 +142,13 @@ def test_a_diverged_meme_never_teaches_the_private_model():
     meme = nn.Linear(10, 3)
     with torch.no_grad():
         meme.weight[0, 0] = float("inf")
-    stats = train_epochs(local, meme, ol, torch.optim.SGD(meme.parameters(), lr=0.1), x, y,
+    stats = train_epochs({"local": local, "meme": meme},
+                         {"local": ol, "meme": torch.optim.SGD(meme.parameters(), lr=0.1)},
+                         FML, x, y,
                          Hyper(alpha=0.5, beta=0.5, batch_size=16, epochs=2),
                          torch.Generator().manual_seed(3), torch.device("cpu"))
     alone, oa = fresh()
-    train_epochs(alone, None, oa, None, x, y, Hyper(batch_size=16, epochs=2),
+    train_epochs({"local": alone}, {"local": oa}, LOCAL_ONLY, x, y, Hyper(batch_size=16, epochs=2),
                  torch.Generator().manual_seed(3), torch.device("cpu"))
     assert all(torch.isfinite(p).all() for p in local.parameters())
     for p, q in zip(local.parameters(), alone.parameters(), strict=True):
@@ -159,7 +165,8 @@ def test_proximal_term_pulls_towards_anchor():
         torch.manual_seed(3)
         m = nn.Linear(5, 2)
         start = [p.detach().clone() for p in m.parameters()]
-        train_epochs(None, m, None, torch.optim.SGD(m.parameters(), lr=0.5), x, y,
+        train_epochs({"meme": m}, {"meme": torch.optim.SGD(m.parameters(), lr=0.5)}, FEDPROX,
+                     x, y,
                      Hyper(proximal_mu=mu, batch_size=8, epochs=3),
                      torch.Generator().manual_seed(0), torch.device("cpu"))
         return sum((p - s).pow(2).sum().item() for p, s in zip(m.parameters(), start,

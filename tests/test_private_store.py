@@ -81,7 +81,7 @@ def test_disk_store_trains_exactly_like_memory_and_keeps_nothing_in_memory(tmp_p
     saved = read_state_file(tmp_path / f"private-{node.client_key}.pt")
     assert saved["node_round"] == 3 and saved["server_round"] == 3
     assert saved["lineage"] == "run-a"
-    assert saved["optimizer"]["state"]  # momentum kept, as in memory
+    assert saved["models"]["local"]["optimizer"]["state"]  # momentum kept, as in memory
 
 
 def test_disk_store_without_a_state_folder_names_both_keys():
@@ -164,3 +164,55 @@ def test_state_dir_from_the_node_config_serves_the_disk_store(tmp_path):
     files = sorted(p.name for p in (tmp_path / "node").iterdir())
     assert any(n.startswith("private-") and n.endswith(".pt") for n in files)
     assert not any(n.endswith(".tmp") for n in files)
+
+
+def test_a_state_file_of_format_1_still_loads(tmp_path):
+    """What the store wrote before K models were data (one model at the top level, format
+    1) loads as the slot 'local', weights, optimizer and counters intact."""
+    cfg = load_config({**RUN, "state-dir": str(tmp_path)})
+    ctx = make_context({**RUN, "state-dir": str(tmp_path)})
+    node = private.node_info(cfg, ctx)
+    torch.manual_seed(11)
+    model = build_model("cnn", SPEC)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    opt.step()  # momentum buffers to keep
+    torch.save({"format": 1, "arch": "cnn", "node_round": 4, "server_round": 4,
+                "lineage": "old-run", "mix": 0.25, "model": model.state_dict(),
+                "optimizer": opt.state_dict()}, node.state_file)
+    priv = private.restore(ctx, cfg, node, SPEC, torch.device("cpu"))
+    assert (priv.node_round, priv.server_round, priv.lineage, priv.mix) == (4, 4, "old-run",
+                                                                           0.25)
+    for k, v in model.state_dict().items():
+        assert torch.equal(priv.models["local"].state_dict()[k], v)
+    assert priv.optimizer.state_dict()["state"]
+
+
+@pytest.mark.parametrize("store", ["memory", "disk"])
+def test_two_private_slots_are_stored_and_restored_each_with_its_own_architecture(
+        tmp_path, store):
+    """K models are data: a second private slot (here of the meme's architecture) goes to
+    the same store beside 'local', comes back equal, and is refused as another model."""
+    from common.algorithms.base import Slot
+
+    run = {**RUN, "private-store": store, "state-dir": str(tmp_path)}
+    cfg, ctx = load_config(run), make_context(run)
+    node = private.node_info(cfg, ctx)
+    slots = (Slot("local"), Slot("peer", arch="meme"))
+    priv = private.restore(ctx, cfg, node, SPEC, torch.device("cpu"), "run-a", 0, slots)
+    assert priv.archs == {"local": "cnn", "peer": "mlp"}
+    with torch.no_grad():
+        for m in priv.models.values():
+            next(m.parameters()).add_(1.0)
+    priv.node_round = priv.server_round = 1
+    priv.lineage = "run-a"
+    private.store(ctx, cfg, priv, node)
+    back = private.restore(ctx, cfg, node, SPEC, torch.device("cpu"), "run-a", 1, slots)
+    for name in ("local", "peer"):
+        for k, v in priv.models[name].state_dict().items():
+            assert torch.equal(back.models[name].state_dict()[k], v)
+    assert private.stored_model(ctx, cfg, node, "peer").keys() == \
+        priv.models["peer"].state_dict().keys()
+    other = (Slot("local"), Slot("peer", arch="local"))  # the peer as a cnn now: refused
+    with pytest.raises(private.PrivateStateError, match="'peer'|configured for 'cnn'"):
+        private.restore(ctx, cfg, node, SPEC, torch.device("cpu"), "run-a", 1, other)

@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.algorithms import get
 from common.config import ConfigError
 from common.models import TaskSpec, build_model
 from common.training import Hyper, train_epochs
+
+FML = get("fml")
 
 CPU = torch.device("cpu")
 
@@ -28,7 +31,8 @@ def test_bf16_autocast_runs_the_forward_in_bfloat16_and_keeps_float32_weights():
     local, ol = _linear(1, 6, 3)
     meme, om = _linear(2, 6, 3)
     hp = Hyper(alpha=1.0, beta=1.0, batch_size=8, autocast=torch.bfloat16)
-    train_epochs(local, meme, ol, om, x, y, hp, torch.Generator().manual_seed(0), CPU)
+    train_epochs({"local": local, "meme": meme}, {"local": ol, "meme": om}, FML, x, y, hp,
+                 torch.Generator().manual_seed(0), CPU)
     assert all(p.dtype == torch.float32 for p in [*local.parameters(), *meme.parameters()])
     for seed, trained in ((1, local), (2, meme)):
         ref, opt = _linear(seed, 6, 3)
@@ -63,7 +67,9 @@ def test_compiled_training_matches_eager_and_keeps_the_models_own_state():
         opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (local, meme)]
         keys = [list(m.state_dict()) for m in (local, meme)]
         hp = Hyper(batch_size=16, epochs=2, compile=compile_)
-        stats = train_epochs(local, meme, *opts, x, y, hp, torch.Generator().manual_seed(3), CPU)
+        stats = train_epochs({"local": local, "meme": meme},
+                             dict(zip(("local", "meme"), opts, strict=True)), FML, x, y, hp,
+                             torch.Generator().manual_seed(3), CPU)
         assert [list(m.state_dict()) for m in (local, meme)] == keys
         results.append((local, meme, stats))
     assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled path ran
@@ -72,7 +78,7 @@ def test_compiled_training_matches_eager_and_keeps_the_models_own_state():
         for p, q in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.allclose(p, q, atol=1e-5), (p - q).abs().max()
     assert cs.loss_local == pytest.approx(es.loss_local, rel=1e-5)
-    assert cs.acc_meme == es.acc_meme
+    assert cs.accuracies["meme"] == es.accuracies["meme"]
 
 
 def test_torch_compile_without_a_cpp_compiler_is_refused_naming_the_key(monkeypatch, tmp_path):
@@ -80,6 +86,7 @@ def test_torch_compile_without_a_cpp_compiler_is_refused_naming_the_key(monkeypa
     monkeypatch.delenv("CXX", raising=False)
     model, opt = _linear(0, 4, 2)
     with pytest.raises(ConfigError, match="'torch-compile' = true needs a C\\+\\+ compiler"):
-        train_epochs(model, None, opt, None, torch.randn(4, 4), torch.tensor([0, 1, 0, 1]),
+        train_epochs({"local": model}, {"local": opt}, get("local"), torch.randn(4, 4),
+                     torch.tensor([0, 1, 0, 1]),
                      Hyper(batch_size=2, compile=True), torch.Generator().manual_seed(0), CPU)
     assert torch.equal(model.weight, _linear(0, 4, 2)[0].weight)  # refused before a step

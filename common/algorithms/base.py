@@ -1,0 +1,122 @@
+"""What every algorithm declares and the defaults it inherits.
+
+An algorithm is a :class:`Algorithm` subclass in its own module, with one instance called
+``ALGORITHM``. Its facts (slots, the keys it reads) are plain Python, so the config can
+check them without torch; what trains imports torch when it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from common.config import Config
+    from common.training import Hyper
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One model a client holds.
+
+    ``shared``: it goes up after training and the server combines it (the meme); else it
+    is private and never leaves the device. ``arch``: whose architecture it has, the
+    node's ``local-model`` ("local") or the federation's ``meme-model`` ("meme").
+    """
+
+    name: str
+    shared: bool = False
+    arch: str = "local"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an algorithm may use to build the models it evaluates."""
+
+    cfg: Config
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    device: torch.device
+    seed: int  # this client's and round's seed for anything random (fine-tuning's order)
+
+
+class Algorithm:
+    """The defaults: slots trained on plain cross-entropy, evaluated as they are.
+
+    Results name two slots: ``local`` (the client's own, personalised model; reported as
+    ``local_accuracy``) and ``meme`` (the shared model; ``meme_accuracy``).
+    """
+
+    name: str = ""
+    summary: str = ""  # one line for the reference page
+    slots: tuple[Slot, ...] = ()
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def shared(self) -> Slot | None:
+        """The slot that goes on the wire (at most one: the meme), else None."""
+        return next((s for s in self.slots if s.shared), None)
+
+    @property
+    def private(self) -> tuple[Slot, ...]:
+        """The slots that never leave the device."""
+        return tuple(s for s in self.slots if not s.shared)
+
+    def check(self, cfg: Config) -> str | None:
+        """Why this config cannot run this algorithm (a rule across keys), or None."""
+        return None
+
+    # ---------------------------------------------------------------- server
+    def train_config(self, cfg: Config) -> dict[str, float | int | str]:
+        """What the server adds to every train message (FedProx's μ, say)."""
+        return {}
+
+    # ---------------------------------------------------------------- client
+    def hyper(self, cfg: Config, config: Mapping[str, Any], node_round: int,
+              mix: float = 0.5) -> Hyper:
+        """This update's hyper-parameters: ``config`` is the train message's config,
+        ``node_round`` how often this node's private models have trained before, ``mix``
+        the weight personal-mix learnt so far."""
+        import torch
+
+        from common.options import Precision
+        from common.training import Hyper
+
+        return Hyper(alpha=1.0, beta=1.0, temperature=cfg.temperature,
+                     batch_size=cfg.batch_size, epochs=cfg.local_epochs, mix_lr=cfg.lr,
+                     autocast=torch.bfloat16 if cfg.precision is Precision.BF16 else None,
+                     compile=cfg.torch_compile)
+
+    def warm_start(self, private: Mapping[str, nn.Module], received: Mapping[str, nn.Module],
+                   ) -> None:
+        """Initialise private models that have never trained from what the client received
+        (the shared slots); nothing here: they keep their seeded initialisation."""
+
+    def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
+        """State that one local update's batches share (anchors, priors); None here."""
+        return None
+
+    def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
+               state: Any) -> dict[str, torch.Tensor]:
+        """Each trained slot's loss on one batch, from every slot's logits ``out``."""
+        import torch.nn.functional as F
+
+        return {name: F.cross_entropy(logits, y) for name, logits in out.items()}
+
+    def end(self, state: Any) -> float | None:
+        """What the update learnt besides the weights (personal-mix's weight), or None."""
+        return None
+
+    def evaluated(self, models: Mapping[str, nn.Module], ev: Evaluation,
+                  ) -> dict[str, nn.Module]:
+        """The models scored on the client's test split, by result name."""
+        return dict(models)
+
+    def extra_metrics(self, models: Mapping[str, nn.Module], mix: float | None,
+                      x: torch.Tensor, y: torch.Tensor, ev: Evaluation) -> dict[str, float]:
+        """Evaluation metrics beyond each model's loss and accuracy; none here."""
+        return {}

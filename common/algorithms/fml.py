@@ -1,0 +1,85 @@
+"""Federated Mutual Learning (Shen et al. 2020): a private model and the shared meme train
+on the same batches, each distilling from the other (deep mutual learning; the losses and
+their variants are :func:`common.mutual.mutual_losses`); the server averages the meme.
+With ``personal-mix`` the client also learns the weight of its mixture of the two (APFL)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from common.algorithms.base import Algorithm, Evaluation, Slot
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from common.config import Config
+    from common.training import Hyper
+
+
+@dataclass
+class _Batches:
+    """What one update's batches share: the mixture weight and the label prior."""
+
+    mix: float | None
+    labels: torch.Tensor  # the whole update's labels (the prior is the client's)
+    log_prior: torch.Tensor | None = None
+
+
+class Fml(Algorithm):
+    name = "fml"
+    summary = "private model + meme, mutual distillation (Shen et al. 2020)"
+    slots = (Slot("local"), Slot("meme", shared=True, arch="meme"))
+
+    def hyper(self, cfg: Config, config: Mapping[str, Any], node_round: int,
+              mix: float = 0.5) -> Hyper:
+        """Distillation both ways, except toward the private model while it warms up on
+        the labels alone (``warmup-rounds``)."""
+        hp = super().hyper(cfg, config, node_round, mix)
+        hp.alpha = cfg.alpha if node_round >= cfg.warmup_rounds else 1.0
+        hp.beta = cfg.beta
+        hp.distill = cfg.distill
+        hp.mix = mix if cfg.personal_mix else None
+        return hp
+
+    def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
+        return _Batches(hp.mix, y)
+
+    def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
+               state: _Batches) -> dict[str, torch.Tensor]:
+        """The two mutual losses; a diverged model (non-finite logits) is never a teacher,
+        so a meme blown up by DP noise cannot turn the private model into NaNs."""
+        from common.mutual import label_log_prior, mixture_step, mutual_losses, seen_log_mask
+        from common.options import DistillPrior
+
+        out_l, out_m = out["local"], out["meme"]
+        finite_l, finite_m = bool(out_l.isfinite().all()), bool(out_m.isfinite().all())
+        if state.mix is not None and finite_l and finite_m:
+            state.mix = mixture_step(out_l, out_m, y, state.mix, hp.mix_lr)
+        prior = hp.distill.prior
+        if prior is not DistillPrior.NONE and state.log_prior is None:
+            state.log_prior = (label_log_prior(state.labels, out_m.shape[1])
+                               if prior is DistillPrior.CLIENT
+                               else seen_log_mask(state.labels, out_m.shape[1]))
+        loss_l, loss_m = mutual_losses(out_l, out_m, y, hp.alpha if finite_m else 1.0,
+                                       hp.beta if finite_l else 1.0, hp.temperature,
+                                       hp.distill, state.log_prior)
+        return {"local": loss_l, "meme": loss_m}
+
+    def end(self, state: _Batches) -> float | None:
+        return state.mix
+
+    def extra_metrics(self, models: Mapping[str, nn.Module], mix: float | None,
+                      x: torch.Tensor, y: torch.Tensor, ev: Evaluation) -> dict[str, float]:
+        """With personal-mix: the client's mixture ``w·p_local + (1-w)·p_meme`` scored."""
+        if not ev.cfg.personal_mix or mix is None:
+            return {}
+        from common.training import evaluate_mixture
+
+        loss, acc = evaluate_mixture(models["local"], models["meme"], mix, x, y, ev.device)
+        return {"mix-loss": loss, "mix-accuracy": acc, "mix-weight": mix}
+
+
+ALGORITHM = Fml()

@@ -1,0 +1,71 @@
+"""The algorithm plug-ins against hand-computed steps: FedAvg-FT's fine-tuned copy; and the
+registry's promises (one shared slot at most, keys validated)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common.algorithms import REGISTRY, get
+from common.algorithms.base import Evaluation
+from common.config import ConfigError, load_config
+
+CPU = torch.device("cpu")
+X = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 1.0, 1.0]], np.float32)
+Y = np.array([0, 1, 1])
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
+    m = nn.Linear(3, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.from_numpy(weight))
+        m.bias.copy_(torch.from_numpy(bias))
+    return m
+
+
+def _ce_grad(w: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """d mean CE / d (W, b) of a linear layer on (X, Y), by hand: (softmax - onehot)/n."""
+    logits = X @ w.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    g = (p - np.eye(2)[Y]) / len(Y)
+    return g.T @ X, g.sum(0)
+
+
+W_LOCAL, B_LOCAL = np.array([[0.2, -0.1, 0.3], [0.0, 0.4, -0.2]], np.float32), \
+    np.array([0.1, -0.1], np.float32)
+W_GLOBAL, B_GLOBAL = np.array([[-0.3, 0.2, 0.1], [0.5, 0.0, 0.2]], np.float32), \
+    np.array([0.0, 0.2], np.float32)
+
+
+def test_fedavg_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model():
+    cfg = load_config({"algorithm": "fedavg-ft", "lr": 0.2, "momentum": 0.0, "batch-size": 3,
+                       "finetune-epochs": 2})
+    meme = _linear(W_GLOBAL, B_GLOBAL)
+    scored = get("fedavg-ft").evaluated(
+        {"meme": meme}, Evaluation(cfg, torch.from_numpy(X), torch.from_numpy(Y), CPU, 5))
+    w, b = W_GLOBAL.copy(), B_GLOBAL.copy()
+    for _ in range(2):  # two full-batch SGD epochs by hand
+        gw, gb = _ce_grad(w, b)
+        w, b = w - 0.2 * gw, b - 0.2 * gb
+    np.testing.assert_allclose(scored["local"].weight.detach().numpy(), w, rtol=1e-5)
+    np.testing.assert_allclose(scored["local"].bias.detach().numpy(), b, rtol=1e-5)
+    assert scored["meme"] is meme
+    np.testing.assert_array_equal(meme.weight.detach().numpy(), W_GLOBAL)
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_algorithm_declares_its_slots(name):
+    algo = get(name)
+    assert algo.name == name and algo.summary and algo.slots
+    assert sum(s.shared for s in algo.slots) <= 1
+    assert all(s.arch in ("local", "meme") for s in algo.slots)
+    assert load_config({"algorithm": name}).algorithm.spec is algo
+
+
+@pytest.mark.parametrize(("key", "value"), [("finetune-epochs", 0)])
+def test_the_plug_ins_keys_are_checked(key, value):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        load_config({key: value})
