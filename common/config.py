@@ -72,6 +72,7 @@ class Config:
     personal_mix: bool
     proximal_mu: float
     finetune_epochs: int
+    ditto_lambda: float
     aggregation: Aggregation
     trimmed_mean_beta: float
     num_malicious: int

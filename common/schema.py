@@ -143,6 +143,8 @@ SCHEMA: tuple[Key, ...] = (
         "a finite number >= 0"),
     Key("finetune-epochs", int, 1, T, "`fedavg-ft`: epochs each client fine-tunes the "
         "global model on its training split before it is evaluated", *_ints(1)),
+    Key("ditto-lambda", float, 0.1, T, "`ditto`: λ of the personal model's pull "
+        "λ/2·‖v − w_global‖² toward the global model", _non_negative, "a finite number >= 0"),
     Key("meme-model", str, "cnn", T,
         "the shared model: `cnn` (FedAvg/PFLlib 2-conv CNN), `cnn-bn` (the same with "
         "BatchNorm), `mlp` (2×200), `cnn-cifar` (FedAvg CIFAR CNN), `resnet18` "

@@ -1,5 +1,5 @@
-"""The algorithm plug-ins against hand-computed steps: FedAvg-FT's fine-tuned copy; and the
-registry's promises (one shared slot at most, keys validated)."""
+"""The algorithm plug-ins against hand-computed steps: Ditto's personal update, FedAvg-FT's
+fine-tuned copy; and the registry's promises (one shared slot at most, keys validated)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from common.algorithms import REGISTRY, get
 from common.algorithms.base import Evaluation
 from common.config import ConfigError, load_config
+from common.training import Hyper, train_epochs
 
 CPU = torch.device("cpu")
 X = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 1.0, 1.0]], np.float32)
@@ -40,6 +41,32 @@ W_GLOBAL, B_GLOBAL = np.array([[-0.3, 0.2, 0.1], [0.5, 0.0, 0.2]], np.float32), 
     np.array([0.0, 0.2], np.float32)
 
 
+def test_ditto_steps_the_personal_model_on_ce_plus_its_pull_to_the_received_global():
+    lam, lr = 0.5, 0.1
+    personal, meme = _linear(W_LOCAL, B_LOCAL), _linear(W_GLOBAL, B_GLOBAL)
+    opts = {k: torch.optim.SGD(m.parameters(), lr=lr) for k, m in
+            (("local", personal), ("meme", meme))}
+    stats = train_epochs({"local": personal, "meme": meme}, opts, get("ditto"),
+                         torch.from_numpy(X), torch.from_numpy(Y),
+                         Hyper(proximal_mu=lam, batch_size=3), torch.Generator().manual_seed(0),
+                         CPU)
+    gw, gb = _ce_grad(W_LOCAL, B_LOCAL)  # v - lr·(∇CE(v) + λ·(v - w_global))
+    np.testing.assert_allclose(personal.weight.detach().numpy(),
+                               W_LOCAL - lr * (gw + lam * (W_LOCAL - W_GLOBAL)), rtol=1e-5)
+    np.testing.assert_allclose(personal.bias.detach().numpy(),
+                               B_LOCAL - lr * (gb + lam * (B_LOCAL - B_GLOBAL)), rtol=1e-5)
+    gw, gb = _ce_grad(W_GLOBAL, B_GLOBAL)  # the global model: plain CE (FedAvg)
+    np.testing.assert_allclose(meme.weight.detach().numpy(), W_GLOBAL - lr * gw, rtol=1e-5)
+    np.testing.assert_allclose(meme.bias.detach().numpy(), B_GLOBAL - lr * gb, rtol=1e-5)
+    assert set(stats.losses) == {"local", "meme"}
+
+
+def test_ditto_personal_model_starts_as_the_global_one():
+    personal, meme = _linear(W_LOCAL, B_LOCAL), _linear(W_GLOBAL, B_GLOBAL)
+    get("ditto").warm_start({"local": personal}, {"meme": meme})
+    assert torch.equal(personal.weight, meme.weight) and personal.weight is not meme.weight
+
+
 def test_fedavg_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model():
     cfg = load_config({"algorithm": "fedavg-ft", "lr": 0.2, "momentum": 0.0, "batch-size": 3,
                        "finetune-epochs": 2})
@@ -65,7 +92,8 @@ def test_every_registered_algorithm_declares_its_slots(name):
     assert load_config({"algorithm": name}).algorithm.spec is algo
 
 
-@pytest.mark.parametrize(("key", "value"), [("finetune-epochs", 0)])
+@pytest.mark.parametrize(("key", "value"), [("finetune-epochs", 0), ("ditto-lambda", -1.0),
+                                            ("ditto-lambda", float("inf"))])
 def test_the_plug_ins_keys_are_checked(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config({key: value})

@@ -25,6 +25,7 @@ REGISTRY: dict[str, str] = {
     "fedprox": "common.algorithms.fedprox",
     "local": "common.algorithms.local",
     "fedavg-ft": "common.algorithms.fedavg_ft",
+    "ditto": "common.algorithms.ditto",
 }
 
 
