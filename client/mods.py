@@ -58,7 +58,8 @@ def _jsonable(v: object) -> object:
 
 
 def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Record the reply (records, arrays) and the private model next to it (``audit-dir``)."""
+    """Record the reply (records, arrays) and every private model next to it
+    (``audit-dir``)."""
     reply = call_next(msg, context)
     audit_dir = str(context.run_config.get("audit-dir", ""))
     if not audit_dir:
@@ -73,10 +74,11 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         for name, record in reply.content.array_records.items():
             for k, a in record.items():
                 arrays[f"reply/{name}/{k}"] = a.numpy()
-    stored = private.stored_model(context, cfg, node)
-    if stored is not None:
-        for k, a in stored.items():
-            arrays[f"private/{k}"] = a
+    for slot in cfg.algorithm.spec.private:  # every private model ("local" unprefixed)
+        stored = private.stored_model(context, cfg, node, slot.name)
+        prefix = "private/" if slot.name == "local" else f"private/{slot.name}/"
+        for k, a in (stored or {}).items():
+            arrays[f"{prefix}{k}"] = a
     meta = {"message_type": msg.metadata.message_type, "error": reply.has_error(),
             "records": {} if reply.has_error() else _record_summary(reply)}
     atomic_write(folder / f"{stem}.npz", lambda f: np.savez(f, **arrays))

@@ -20,7 +20,7 @@ from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
 from common.training import evaluate
 from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
-from server.identity import TooFewClients
+from server.identity import ClientRegistry, TooFewClients
 from server.privacy import wrap_dp
 from server.results import RunLog, project_path, torch_save_atomic
 from server.rounds import run_rounds
@@ -40,7 +40,7 @@ def agreed_num_classes(reports: list[int]) -> int:
     return max(c for c in reports if c <= bound)
 
 
-def _spec_from_clients(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskSpec:
+def _spec_from_clients(cfg: Config, clients: ClientRegistry, grid: Grid) -> TaskSpec:
     """With ``npz`` data only the clients know the task shape: they report it when identified.
 
     Asked once ``min-clients`` nodes are connected (a bounded wait). The most common image
@@ -49,8 +49,8 @@ def _spec_from_clients(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskS
     :func:`agreed_num_classes` of what those nodes report: a node with a larger label is
     refused with an error that names it.
     """
-    strategy.ordered(grid)
-    infos = list(strategy.clients.info.values())
+    clients.ordered(grid)
+    infos = list(clients.info.values())
     shapes = Counter((int(m["channels"]), int(m["size"])) for m in infos)
     if not shapes:
         raise RuntimeError("no client could describe its data (every identify reply failed): "
@@ -69,11 +69,11 @@ def _spec_from_clients(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskS
     return TaskSpec(channels, size, classes)
 
 
-def _task_spec(cfg: Config, strategy: MemeStrategy, grid: Grid) -> TaskSpec:
+def _task_spec(cfg: Config, clients: ClientRegistry, grid: Grid) -> TaskSpec:
     """The task shape: the built-in dataset's, or what the ``npz`` nodes report."""
     spec = dataset_spec(cfg)
     if spec is None:
-        return _spec_from_clients(cfg, strategy, grid)
+        return _spec_from_clients(cfg, clients, grid)
     if cfg.num_classes and cfg.num_classes != spec.num_classes:
         raise ConfigError(f"run-config key 'num-classes' = {cfg.num_classes}, but dataset "
                           f"'{cfg.dataset}' has {spec.num_classes}: expected 0 or "
@@ -127,11 +127,11 @@ def main(grid: Grid, context: Context) -> None:
     run_log, ckpt = _start(cfg)
     log(INFO, "fedmutual: %s on %s, results in %s", cfg.algorithm.value, cfg.dataset,
         run_log.run_dir)
-    strategy = build_strategy(cfg, run_log)
+    clients = ClientRegistry(cfg)
     if ckpt is not None:  # node-authentication: a key stays with the node that first had it
-        strategy.clients.restore_bindings(ckpt.strategy.get("bindings", {}))
+        clients.restore_bindings(ckpt.strategy.get("bindings", {}))
     try:
-        spec = _task_spec(cfg, strategy, grid)
+        spec = _task_spec(cfg, clients, grid)
         torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
         meme = build_model(cfg.meme_model, spec)
         done = 0
@@ -140,7 +140,7 @@ def main(grid: Grid, context: Context) -> None:
             restore_rng(ckpt)
             done = ckpt.round
         initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
-        strategy.template = template_of(initial)
+        strategy = build_strategy(cfg, run_log, clients, template_of(initial))
         task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
                 "lineage": run_log.run_dir.name}
         task.update(cfg.algorithm.spec.train_config(cfg))
@@ -149,7 +149,9 @@ def main(grid: Grid, context: Context) -> None:
                    evaluate_config=ConfigRecord(dict(task)), timeout=cfg.round_timeout,
                    run_log=run_log, evaluate_central=central_evaluation(cfg, spec, run_log),
                    checkpoint=checkpointer(cfg, meme, run_log, strategy),
-                   evaluate_every=cfg.evaluate_every)
+                   evaluate_every=cfg.evaluate_every,
+                   secure_exchange=strategy.secure_exchange if cfg.secure_aggregation
+                   else None)
     except TooFewClients as exc:
         done = len(run_log.records)
         kept = (f"Rounds 1-{done} are kept in {run_log.run_dir} (checkpoint.pt); continue with "

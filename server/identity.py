@@ -5,10 +5,9 @@ although Flower's node ids are random. Waiting for clients is always bounded.
 
 from __future__ import annotations
 
-import random
 import reprlib
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from logging import ERROR, INFO, WARNING
 
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -283,28 +282,3 @@ class ClientRegistry:
             return self.keys.get(node, UNKNOWN_KEY), node
 
         return sorted(replies, key=key)
-
-
-def cyclic_sample(ids: list[int], k: int, server_round: int,
-                  pass_seed: Callable[[int], int]) -> list[int]:
-    """Round ``server_round``'s ``k`` clients under ``client-sampling = "cyclic"``.
-
-    The clients (``ids``, in key order) are laid out as pass after pass, each pass a
-    shuffle seeded by ``pass_seed(pass)``, and round r takes the next k of that sequence;
-    so every client is sampled once per pass, and a round that straddles two passes skips
-    the clients it already has.
-    """
-    n = len(ids)
-    k = min(k, n)
-    chosen: list[int] = []
-    shuffles: dict[int, list[int]] = {}
-    pos = (server_round - 1) * k
-    while len(chosen) < k:
-        pass_no, i = divmod(pos, n)
-        if pass_no not in shuffles:
-            shuffles[pass_no] = random.Random(pass_seed(pass_no)).sample(range(n), n)
-        node = ids[shuffles[pass_no][i]]
-        if node not in chosen:
-            chosen.append(node)
-        pos += 1
-    return chosen

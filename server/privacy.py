@@ -54,9 +54,14 @@ class _MemeDp:
     clipping_norm: float
     num_sampled_clients: int
     clips_on_server: bool = True
-    cfg: Config
-    run_log: RunLog
-    ledger: ReleaseLedger
+
+    def __init__(self, strategy: MemeStrategy, ledger: ReleaseLedger) -> None:
+        cfg = strategy.cfg
+        super().__init__(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm,
+                         cfg.min_clients)
+        self.cfg: Config = cfg
+        self.run_log: RunLog = strategy.run_log
+        self.ledger = ledger
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -129,9 +134,6 @@ def wrap_dp(strategy: MemeStrategy) -> Strategy:
     if not cfg.dp_mode.enabled:
         return strategy
     cls = MemeDpServerSide if cfg.dp_mode is DpMode.SERVER else MemeDpClientSide
-    dp = cls(strategy, cfg.dp_noise_multiplier, cfg.dp_clipping_norm, cfg.min_clients)
-    dp.cfg, dp.run_log = cfg, strategy.run_log
-    # read now, so a corrupt ledger stops the run before any round
-    dp.ledger = ReleaseLedger.open(strategy.run_log.run_dir, strategy.run_log.records,
-                                   cfg.dp_noise_multiplier)
-    return dp
+    # the ledger is read now, so a corrupt one stops the run before any round
+    return cls(strategy, ReleaseLedger.open(strategy.run_log.run_dir, strategy.run_log.records,
+                                            cfg.dp_noise_multiplier))

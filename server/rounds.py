@@ -10,8 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 from logging import INFO
+from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -24,10 +25,13 @@ def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int,
                train_config: ConfigRecord, evaluate_config: ConfigRecord, timeout: float,
                run_log: RunLog, evaluate_central: Callable[[ArrayRecord], None],
                checkpoint: Callable[[int, ArrayRecord], None],
-               evaluate_every: int = 1) -> ArrayRecord:
+               evaluate_every: int = 1,
+               secure_exchange: Callable[[Grid, int, list[Message], float], Any] | None = None,
+               ) -> ArrayRecord:
     """Rounds ``first`` to ``last`` (absolute numbers: a resumed run goes on counting);
     returns the last meme. ``strategy`` is the meme strategy or its DP wrapper.
 
+    ``secure_exchange`` (SecAgg+) replaces step 2's plain send-and-receive.
     Steps 4 and 5 run every ``evaluate_every``-th round and in the last. Nothing in them
     feeds training (sampling is seeded per round and kind), so skipping them changes no
     later round: an evaluated round's numbers are those of evaluating every round.
@@ -36,14 +40,16 @@ def run_rounds(strategy: Strategy, grid: Grid, meme: ArrayRecord, *, first: int,
         log(INFO, "fedmutual: round %d of %d", rnd, last)
         run_log.begin_round(rnd)
         step = partial(phase, "server", server_round=rnd)  # timed with FEDMUTUAL_PROFILE
-        # 1. identify new nodes, sample by client key, send the meme (SecAgg+: sent in 3.)
+        # 1. identify new nodes, sample by client key, the meme as it goes down
         with step("configure-train"):
-            messages = strategy.configure_train(rnd, meme, train_config, grid)
-        # 2. the sampled clients train their private model and the meme, reply the meme
+            messages = list(strategy.configure_train(rnd, meme, train_config, grid))
+        # 2. the sampled clients train their models and reply the meme; with SecAgg+ the
+        #    protocol's exchange instead, which gives only the sum of the memes
         with step("train-exchange"):
-            replies = grid.send_and_receive(messages, timeout=timeout)
-        # 3. validate, aggregate by the configured rule (SecAgg+'s sum; DP: clip, noise,
-        #    account), record the round's training numbers
+            replies = (secure_exchange(grid, rnd, messages, timeout) if secure_exchange
+                       else grid.send_and_receive(messages, timeout=timeout))
+        # 3. admit each reply, aggregate by the configured rule (SecAgg+'s sum; DP: clip,
+        #    noise, account), record the round's training numbers
         with step("aggregate"):
             aggregated, _ = strategy.aggregate_train(rnd, replies)
         meme = aggregated if aggregated is not None else meme

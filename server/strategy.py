@@ -1,12 +1,12 @@
-"""The meme strategy: Flower's FedAvg as a thin adapter between messages and the plain
-parts of a round.
+"""The meme strategy: the round's exchange with the clients, each job in its own module.
 
-- sampling follows the clients' keys (:mod:`server.identity`), with a per-round seed;
-- every reply passes :func:`server.validate.validate_update` before any rule sees it;
-  rejected and failed replies are counted, and a round with no valid reply keeps the meme;
-- the memes are aggregated by the rule the config names (:mod:`server.aggregate`);
-- ``secure-aggregation``: the sampled train messages go through Flower's SecAgg+ protocol
-  (:mod:`server.secure`) instead of a plain send-and-receive.
+- who takes part and what they are sent: :mod:`server.sampling` (seeded by client key);
+- admission: every reply is checked from its bytes by :mod:`server.validate`, which
+  returns the checked arrays; a bad reply costs only itself (``rejections``);
+- the aggregation rule: :mod:`server.aggregate`;
+- ``secure-aggregation``: :meth:`MemeStrategy.secure_exchange` is the round's train
+  exchange (:mod:`server.secure`), and its result is what :meth:`MemeStrategy.collect`
+  aggregates.
 
 DP (:mod:`server.privacy`) works through two methods: :meth:`MemeStrategy.collect` (the
 round's accepted memes, or SecAgg+'s sum) and :meth:`MemeStrategy.release` (record and
@@ -15,8 +15,6 @@ return what the round publishes).
 
 from __future__ import annotations
 
-import random
-import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -30,7 +28,6 @@ from flwr.app import (
     Message,
     MessageType,
     MetricRecord,
-    RecordDict,
 )
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -38,13 +35,14 @@ from flwr.supercore import log
 
 from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
-from common.options import ClientSampling, Compression, DownCompression
+from common.options import Compression
 from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
-from server.identity import ClientRegistry, OrderedGrid, TooFewClients, cyclic_sample
+from server.identity import ClientRegistry, OrderedGrid, TooFewClients
 from server.results import RunLog
-from server.secure import SecureAggregationFailed, secure_mean
+from server.sampling import downlink, messages, sample
+from server.secure import SecureAggregationFailed, SecureResult, secure_mean
 from server.validate import (
     Evaluation,
     Rejected,
@@ -76,18 +74,21 @@ class Collected:
 
 
 class MemeStrategy(FedAvg):
-    """Sampling by client key, validation, aggregation by rule; records every round."""
+    """The round's exchange with the clients, one job a step: sampling and the downlink
+    (:mod:`server.sampling`), admission of every reply (:mod:`server.validate`), the
+    aggregation rule (:mod:`server.aggregate`); it records each round in ``run_log``."""
 
-    def __init__(self, *, cfg: Config, run_log: RunLog, **kwargs) -> None:
+    def __init__(self, *, cfg: Config, run_log: RunLog, clients: ClientRegistry,
+                 template: Template, **kwargs) -> None:
         super().__init__(**kwargs)
         self.cfg = cfg
         self.run_log = run_log
-        self.clients = ClientRegistry(cfg)
-        self.template: Template = {}
+        self.clients = clients
+        self.template = template
         self.sent_train = 0  # train messages sent this round: DP's m
         self.population = 0  # clients connected when this round sampled
         self.current_arrays = ArrayRecord()  # the meme of the open round, as the server has it
-        self._secure_round: tuple[Grid, list[Message]] | None = None
+        self.sent_arrays = ArrayRecord()  # ... and as it went down (compression-down)
 
     def ordered(self, grid: Grid) -> OrderedGrid:
         """The identified connected nodes in key order (see :class:`ClientRegistry`)."""
@@ -96,84 +97,37 @@ class MemeStrategy(FedAvg):
     # ------------------------------------------------------------------ configure
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """The sampled clients' train messages (see :meth:`_send`)."""
+        """The sampled clients' train messages (see :meth:`_send`). Under SecAgg+ they
+        go out through :meth:`secure_exchange`, a step of the round of its own."""
         self.current_arrays = arrays
-        msgs, self.population = self._send(MessageType.TRAIN, server_round, arrays, config,
-                                           grid)
+        self.sent_arrays = downlink(self.cfg, arrays)
+        msgs, self.population = self._send(MessageType.TRAIN, server_round,
+                                           self.sent_arrays, config, grid)
         self.sent_train = len(msgs)
-        if self.cfg.secure_aggregation:  # sent by SecAgg+ inside aggregate_train
-            self._secure_round = (grid, msgs)
-            return []
         return msgs
-
-    def _send(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-              grid: Grid) -> tuple[list[Message], int]:
-        """The round's messages of ``kind`` and the clients they were sampled from: the meme
-        as it goes down (:meth:`downlink`), to clients ordered by key and sampled by
-        Flower's sampler with a per-round seed, or cyclically; counted in ``bytes_down``."""
-        ordered = self.ordered(grid)
-        arrays = self.downlink(arrays)
-        train = kind == MessageType.TRAIN
-        if self.cfg.client_sampling is ClientSampling.CYCLIC:
-            msgs = self._cyclic(kind, server_round, arrays, config, ordered)
-        else:
-            random.seed(self._sampling_seed("sample-train" if train else "sample-evaluate",
-                                            server_round))
-            configure = super().configure_train if train else super().configure_evaluate
-            msgs = list(configure(server_round, arrays, config, ordered))
-        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
-        return msgs, len(ordered.get_node_ids())
-
-    def _cyclic(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                ordered: OrderedGrid) -> list[Message]:
-        """The round's messages under ``client-sampling = "cyclic"`` (the share and the
-        minimum as Flower's sampler computes them; see :func:`cyclic_sample`). Training and
-        evaluation walk the same sequence: with equal shares, a round evaluates the clients
-        it trained."""
-        train = kind == MessageType.TRAIN
-        ids = ordered.get_node_ids()
-        share = self.fraction_train if train else self.fraction_evaluate
-        k = max(int(len(ids) * share), self.min_train_nodes if train else self.min_evaluate_nodes)
-        nodes = cyclic_sample(ids, k, server_round,
-                              lambda p: derive_seed(self.cfg.seed, "cycle", p))
-        config["server-round"] = server_round
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
-
-    def downlink(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The meme as it goes down: with ``compression-down = "fp16"`` its floating arrays
-        in half precision (clients load them into their float32 models)."""
-        if self.cfg.compression_down is DownCompression.NONE:
-            return arrays
-        half = {}
-        for k, a in arrays.items():
-            v = a.numpy()
-            half[k] = Array(v.astype(np.float16)) if v.dtype.kind == "f" else a
-        return ArrayRecord(half)
-
-    def sent_reference(self) -> State:
-        """The open round's meme as the clients received it, in the template's dtypes: what
-        their compressed updates are decoded against."""
-        sent = self.downlink(self.current_arrays)
-        return {k: a.numpy().astype(self.template[k][1]) if k in self.template else a.numpy()
-                for k, a in sent.items()}
-
-    def _sampling_seed(self, label: str, rnd: int) -> int:
-        """The seed of this round's sampling: from ``seed``, except under DP with sampling.
-
-        DP's ε with ``fraction-train`` < 1 counts on amplification by subsampling, which
-        holds only if nobody can predict who is sampled: then each round draws from the OS's
-        secure source (and the run is no longer reproducible from ``seed``).
-        """
-        if (label == "sample-train" and self.cfg.dp_mode.enabled
-                and self.cfg.fraction_train < 1):
-            return secrets.randbits(256)
-        return derive_seed(self.cfg.seed, label, rnd)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """The sampled clients' evaluate messages (see :meth:`_send`)."""
-        return self._send(MessageType.EVALUATE, server_round, arrays, config, grid)[0]
+        return self._send(MessageType.EVALUATE, server_round, downlink(self.cfg, arrays),
+                          config, grid)[0]
+
+    def _send(self, kind: str, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+              grid: Grid) -> tuple[list[Message], int]:
+        """The round's messages of ``kind`` to the clients :func:`sample` picks from the
+        identified ones (in key order), and how many there were; counted in
+        ``bytes_down``."""
+        ids = self.ordered(grid).get_node_ids()
+        msgs = messages(kind, server_round, arrays, config,
+                        sample(self.cfg, kind, server_round, ids))
+        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
+        return msgs, len(ids)
+
+    def sent_reference(self) -> State:
+        """The open round's meme as the clients received it, in the template's dtypes: what
+        their compressed updates are decoded against."""
+        return {k: a.numpy().astype(self.template[k][1]) if k in self.template else a.numpy()
+                for k, a in self.sent_arrays.items()}
 
     # ------------------------------------------------------------------ aggregate
     def max_weight(self) -> float | None:
@@ -228,13 +182,16 @@ class MemeStrategy(FedAvg):
         self.run_log.add("bytes_up", sum(u.nbytes for _, u in accepted))
         return accepted
 
-    def collect(self, server_round: int, replies: Iterable[Message]) -> Collected:
+    def collect(self, server_round: int, replies: Iterable[Message] | SecureResult,
+                ) -> Collected:
         """The round's accepted memes (checked, in key order), or SecAgg+'s mean."""
         reference = {k: a.numpy() for k, a in self.current_arrays.items()}
+        if isinstance(replies, SecureResult):
+            return Collected(reference, self._secure_contents(replies), self.sent_train,
+                             self.population, secure_mean=replies.mean)
         if self.cfg.secure_aggregation:
-            contents, mean = self._secure(server_round)
-            return Collected(reference, contents, self.sent_train, self.population,
-                             secure_mean=mean)
+            raise SecureAggregationFailed(f"round {server_round}: secure aggregation was "
+                                          "asked for, but the replies came in the clear")
         accepted = self.accept(self.clients.sort_replies(replies))
         return Collected(reference, [u for _, u in accepted], self.sent_train,
                          self.population, [u.meme for _, u in accepted],
@@ -280,14 +237,11 @@ class MemeStrategy(FedAvg):
                          num_malicious=self.cfg.num_malicious)
         return self.release(meme, got)
 
-    def _secure(self, server_round: int) -> tuple[list[Update], State]:
-        """Run SecAgg+ over this round's sampled clients: the unmasked mean of their memes'
-        floating arrays, and the replies of the clients that completed."""
-        if self._secure_round is None:
-            raise SecureAggregationFailed("secure aggregation was asked for, but no train "
-                                          "round was configured")
-        grid, msgs = self._secure_round
-        self._secure_round = None
+    def secure_exchange(self, grid: Grid, server_round: int, msgs: list[Message],
+                        timeout: float) -> SecureResult:
+        """The train exchange under SecAgg+ (a step of :func:`server.rounds.run_rounds`):
+        the protocol over the sampled clients, which returns only the unmasked mean of their
+        memes' floating arrays and each completing client's metrics."""
         weight = (1.0 if self.cfg.aggregation is Aggregation.UNIFORM
                   else self.max_weight() or 1000.0)
         # integer buffers (BatchNorm's num_batches_tracked) are counters, not data: they
@@ -296,13 +250,17 @@ class MemeStrategy(FedAvg):
         result = secure_mean(
             grid, msgs, floats, server_round, num_shares=self.cfg.secagg_num_shares,
             threshold=self.cfg.secagg_threshold, max_weight=weight,
-            clipping_range=self.cfg.secagg_clipping_range, timeout=self.cfg.round_timeout,
+            clipping_range=self.cfg.secagg_clipping_range, timeout=timeout,
             seed=derive_seed(self.cfg.seed, "secagg", server_round))
         for k, v in result.mean.items():
             if tuple(v.shape) != self.template[k][0] or not np.all(np.isfinite(v)):
                 raise SecureAggregationFailed(
                     f"round {server_round}: the securely aggregated '{k}' is not a finite "
                     f"array of shape {self.template[k][0]}")
+        return result
+
+    def _secure_contents(self, result: SecureResult) -> list[Update]:
+        """The completing clients' checked metrics; dropouts and bytes recorded."""
         if result.failed:
             log(WARNING, "%d sampled client(s) dropped out of secure aggregation",
                 result.failed)
@@ -316,7 +274,7 @@ class MemeStrategy(FedAvg):
                                               weight_key=self.weighted_by_key))
             except Rejected as exc:
                 self._reject("train", node, str(exc))
-        return contents, result.mean
+        return contents
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
                            ) -> MetricRecord | None:
@@ -374,11 +332,13 @@ def weighted_means(replies: Sequence[Update | Evaluation], keys: Iterable[str],
     return out
 
 
-def build_strategy(cfg: Config, run_log: RunLog) -> MemeStrategy:
-    """The meme strategy for this config. FedProx's proximal term is client-side: its
-    ``proximal-mu`` travels in the train config that the server app builds."""
+def build_strategy(cfg: Config, run_log: RunLog, clients: ClientRegistry | None = None,
+                   template: Template | None = None) -> MemeStrategy:
+    """The meme strategy for this config, the clients identified so far and the meme's
+    template (what every update must match)."""
     return MemeStrategy(
-        cfg=cfg, run_log=run_log,
+        cfg=cfg, run_log=run_log, clients=clients or ClientRegistry(cfg),
+        template=template or {},
         fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate,
         min_train_nodes=cfg.min_clients, min_evaluate_nodes=cfg.min_clients,
         min_available_nodes=cfg.min_clients,

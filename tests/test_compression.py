@@ -180,9 +180,9 @@ def test_server_decodes_before_validating_and_counts_the_encoded_bytes(tmp_path,
     cfg = load_config({"algorithm": "fedavg", "compression": "int8", "max-client-weight": 100,
                        "output-dir": str(tmp_path), "run-name": "r"})
     log = RunLog.create(cfg)
-    strat = build_strategy(cfg, log)
-    strat.current_arrays = ArrayRecord({k: Array(v) for k, v in received.items()})
-    strat.template = template_of(strat.current_arrays)
+    sent = ArrayRecord({k: Array(v) for k, v in received.items()})
+    strat = build_strategy(cfg, log, template=template_of(sent))
+    strat.current_arrays = strat.sent_arrays = sent
     log.begin_round(1)
     # updates +1.27 and +2.54 everywhere: exact in int8 (q = 127, scale 0.01 and 0.02)
     one = {"w": np.full((2, 3), 1.27, np.float32), "n": np.array(5, np.int64)}
@@ -266,9 +266,8 @@ def test_fp16_downlink_halves_the_bytes_down_and_decodes_against_what_was_sent(
                        "compression-down": "fp16", "min-clients": 1,
                        "output-dir": str(tmp_path), "run-name": "r"})
     log = RunLog.create(cfg)
-    strat = build_strategy(cfg, log)
     arrays = ArrayRecord({k: Array(v) for k, v in meme.items()})
-    strat.template = template_of(arrays)
+    strat = build_strategy(cfg, log, template=template_of(arrays))
     log.begin_round(1)
     msgs = list(strat.configure_train(1, arrays, ConfigRecord({}), _Grid({11: 0, 22: 1})))
     sent = msgs[0].content["arrays"]
@@ -300,10 +299,10 @@ def _decoding_strategy(tmp_path, **overrides):
     cfg = load_config({"algorithm": "fedavg", "compression": "int8", "min-clients": 1,
                        "output-dir": str(tmp_path), "run-name": "r", **overrides})
     log = RunLog.create(cfg)
-    strat = build_strategy(cfg, log)
     ref = {"w": np.full(4, 1.0, np.float32)}
-    strat.current_arrays = ArrayRecord({k: Array(v) for k, v in ref.items()})
-    strat.template = template_of(strat.current_arrays)
+    sent = ArrayRecord({k: Array(v) for k, v in ref.items()})
+    strat = build_strategy(cfg, log, template=template_of(sent))
+    strat.current_arrays = strat.sent_arrays = sent
     strat.population = strat.sent_train = 3
     log.begin_round(1)
     return strat, ref

@@ -161,9 +161,9 @@ def _strategy(run_dir: str, **overrides):
     cfg = load_config({"algorithm": "fedavg", "max-client-weight": 100, "output-dir": run_dir,
                        "run-name": "r", **overrides})
     log = RunLog.create(cfg)
-    strat = build_strategy(cfg, log)
-    strat.current_arrays = ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()})
-    strat.template = template_of(strat.current_arrays)
+    sent = ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()})
+    strat = build_strategy(cfg, log, template=template_of(sent))
+    strat.current_arrays = strat.sent_arrays = sent
     log.begin_round(1)
     return strat, log
 

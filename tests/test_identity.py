@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from client import private
 from common.config import load_config
-from server.identity import ClientRegistry, TooFewClients, cyclic_sample
+from server.identity import ClientRegistry, TooFewClients
 from server.results import RunLog
+from server.sampling import cyclic_sample
 from server.strategy import build_strategy
 from tests.conftest import make_context
 

@@ -113,10 +113,9 @@ def _dp_config(tmp_path, mode: str, sigma: float, clip: float = 1.0):
 def _wrapped(cfg, log: RunLog, sent: int = 3):
     """The real meme strategy and DP wrapper over ``log``'s run folder, as the ServerApp
     builds them, with ``sent`` of ``sent`` clients sampled and the meme ``_ref()`` sent."""
-    inner = build_strategy(cfg, log)
     ref = ArrayRecord({k: Array(v) for k, v in _ref().items()})
-    inner.template = template_of(ref)
-    inner.current_arrays = ref
+    inner = build_strategy(cfg, log, template=template_of(ref))
+    inner.current_arrays = inner.sent_arrays = ref
     inner.population, inner.sent_train = sent, sent
     return wrap_dp(inner), inner
 

@@ -52,8 +52,8 @@ def _strategy(tmp_path, **cfg_overrides):
     cfg = load_config({"algorithm": "fedavg", "max-client-weight": 100,
                        "output-dir": str(tmp_path), "run-name": "r", **cfg_overrides})
     log = RunLog.create(cfg)
-    strat = build_strategy(cfg, log)
-    strat.template = template_of(ArrayRecord({k: Array(v) for k, v in TEMPLATE_ARRAYS.items()}))
+    strat = build_strategy(cfg, log, template=template_of(
+        ArrayRecord({k: Array(v) for k, v in TEMPLATE_ARRAYS.items()})))
     log.begin_round(1)
     return strat, log
 
