@@ -35,6 +35,7 @@ from common.config import load_config
 from common.faults import apply_to_update
 from common.options import Compression
 from common.privacy import clip_update
+from common.records import MEME, meme_record
 
 
 def _record_summary(msg: Message) -> dict:
@@ -108,8 +109,9 @@ def dp_clip_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     reply = call_next(msg, context)
     if norm is None or reply.has_error():
         return reply
-    sent = next(iter(msg.content.array_records.values()))
-    name, record = next(iter(reply.content.array_records.items()))
+    sent = meme_record(msg.content)
+    record = meme_record(reply.content)
+    name = MEME if MEME in reply.content else next(iter(reply.content.array_records))
     clipped, _ = clip_update({k: a.numpy() for k, a in record.items()},
                              {k: a.numpy() for k, a in sent.items()}, norm)
     reply.content.array_records[name] = ArrayRecord(
@@ -133,16 +135,16 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     for fault in (f for f in faults if f.kind == "slow"):
         time.sleep(fault.seconds)
     reply = call_next(msg, context)
-    if reply.has_error() or not len(reply.content["arrays"]):
+    if reply.has_error() or not len(meme_record(reply.content)):
         return reply
-    sent = {k: a.numpy() for k, a in reply.content["arrays"].items()}
-    received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    sent = {k: a.numpy() for k, a in meme_record(reply.content).items()}
+    received = {k: a.numpy() for k, a in meme_record(msg.content).items()}
     for fault in faults:
         sent = apply_to_update(fault, sent, received)
     arrays = {k: Array(np.asarray(v)) for k, v in sent.items()}
     if any(f.kind == "forge" for f in faults):
         arrays = {k: forged(a) if a.dtype.startswith("float") else a for k, a in arrays.items()}
-    reply.content["arrays"] = ArrayRecord(arrays)
+    reply.content[MEME] = ArrayRecord(arrays)
     return reply
 
 
@@ -164,11 +166,11 @@ def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     cfg = load_config(context.run_config)
     reply = call_next(msg, context)
     if (cfg.compression is Compression.NONE or reply.has_error()
-            or not len(reply.content["arrays"])):
+            or not len(meme_record(reply.content))):
         return reply
-    received = {k: a.numpy() for k, a in msg.content["arrays"].items()}
+    received = {k: a.numpy() for k, a in meme_record(msg.content).items()}
     update = {}
-    for k, a in reply.content["arrays"].items():
+    for k, a in meme_record(reply.content).items():
         v = a.numpy()
         update[k] = (v.astype(np.float32) - received[k].astype(np.float32)
                      if v.dtype.kind == "f" else v - received[k])
@@ -178,5 +180,5 @@ def compress_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     payload, left = encode(update, cfg.codec, residual)
     if cfg.compression is Compression.TOPK:
         private.keep_arrays(context, cfg, node, RESIDUAL, left, lineage)
-    reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in payload.items()})
+    reply.content[MEME] = ArrayRecord({k: Array(np.asarray(v)) for k, v in payload.items()})
     return reply

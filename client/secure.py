@@ -17,6 +17,7 @@ from flwr.compat.common.typing import Code, FitRes, Status
 
 from common.config import Aggregation, Config, load_config
 from common.models import TaskSpec, build_model
+from common.records import meme_record
 
 #: record names of the SecAgg+ workflow's (legacy FitIns) train messages
 FITINS_ARRAYS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
@@ -45,7 +46,7 @@ def _keyed(cfg: Config, msg: Message) -> Message:
 
 def _fitres(cfg: Config, reply: Message, msg: Message) -> Message:
     """The handler's reply as the ``fitres.*`` records the SecAgg+ mod masks."""
-    state = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    state = {k: a.numpy() for k, a in meme_record(reply.content).items()}
     state = {k: state[k] for k in secure_keys(state)}
     limit = cfg.secagg_clipping_range
     for k, v in state.items():

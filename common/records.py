@@ -45,8 +45,14 @@ MEME = "arrays"  # the record that carries the meme, in every message either way
 
 
 def meme_record(content: RecordDict) -> ArrayRecord:
-    """The meme's record of a message's content, found by name."""
-    return content[MEME]
+    """The meme's record of a message's content: the one named ``arrays``, or, in the
+    legacy records of a SecAgg+ round, the message's only ArrayRecord."""
+    if MEME in content:
+        return content[MEME]
+    records = list(content.array_records.values())
+    if len(records) != 1:
+        raise KeyError(f"no record named '{MEME}' and {len(records)} ArrayRecords")
+    return records[0]
 
 
 def record_bytes(record: ArrayRecord) -> int:

@@ -28,6 +28,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from common.records import meme_record
+
 
 class SecureAggregationFailed(RuntimeError):
     """A round asked for secure aggregation and did not get it: the run must fail."""
@@ -75,7 +77,7 @@ class _Adapter(LegacyStrategy):
 def to_fitins_content(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
     """The single ArrayRecord and ConfigRecord of a sampled train message."""
     content = msg.content
-    return next(iter(content.array_records.values())), next(iter(content.config_records.values()))
+    return meme_record(content), content["config"]
 
 
 def secure_mean(grid: Grid, msgs: Sequence[Message], keys: Sequence[str], server_round: int,

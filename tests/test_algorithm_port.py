@@ -54,3 +54,20 @@ if __name__ == "__main__":  # record: python -m tests.test_algorithm_port (old c
             (RECORDED / f"{name}.json").write_text(
                 json.dumps({"metrics": m, "clients": c}, indent=1) + "\n")
             print("recorded", name)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg-ft", "ditto"])
+def test_the_new_plug_ins_run_end_to_end(simlink, tmp_path, algorithm):
+    """FedAvg+FT and Ditto in a real simulation: every round records the personalised
+    model (``local_accuracy``: the fine-tuned copy, the personal model) beside the global
+    one, only the meme goes up, and Ditto's personal models are kept on the clients."""
+    metrics, clients = run_recorded(simlink, tmp_path, algorithm)
+    assert [r["round"] for r in metrics] == [1, 2]
+    for r in metrics:
+        assert r["local_accuracy"] is not None and r["meme_accuracy"] is not None
+        assert r["train_loss_meme"] is not None and r["bytes_up"] > 0
+        assert (r["train_loss_local"] is not None) == (algorithm == "ditto")
+    last = clients[-1]["clients"]
+    assert len(last) == 3 and all(c["local_accuracy"] is not None for c in last)
+    # the personalised model is not the global one: it differs on some client
+    assert any(c["local_accuracy"] != c["meme_accuracy"] for c in last)
