@@ -28,10 +28,12 @@ import numpy as np
 
 from common.options import Codec, Compression
 
-__all__ = ["Codec", "CompressionError", "decode", "encode", "max_payload_bytes",
-           "payload_bytes", "svd_rank", "topk_count"]
+__all__ = ["Codec", "CompressionError", "State", "Template", "decode", "encode",
+           "max_payload_bytes", "payload_bytes", "svd_rank", "topk_count"]
 
+#: a model's arrays by state_dict key (a meme, an update); every module uses this one
 State = dict[str, np.ndarray]
+#: the meme's key -> (shape, dtype): what every update must match
 Template = Mapping[str, tuple[tuple[int, ...], np.dtype]]
 
 

@@ -17,9 +17,8 @@ from flwr.app import Array, ArrayRecord, RecordDict
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.multikrum import select_multikrum
 
+from common.compression import State
 from common.options import Aggregation
-
-State = dict[str, np.ndarray]
 
 
 def as_dtypes(values: Mapping[str, np.ndarray], dtypes: Mapping[str, np.dtype]) -> State:

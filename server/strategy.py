@@ -232,9 +232,12 @@ class MemeStrategy(FedAvg):
             return self.release(None, got)
         if got.secure_mean is not None:  # integer counters keep the server's value
             return self.release({**got.reference, **got.secure_mean}, got)
-        meme = aggregate(self.cfg.aggregation, got.memes, [u.weight for u in got.contents],
-                         trimmed_mean_beta=self.cfg.trimmed_mean_beta,
-                         num_malicious=self.cfg.num_malicious)
+        weights = [u.weight for u in got.contents]
+        meme = self.cfg.algorithm.spec.combine(got.memes, weights, self.cfg)
+        if meme is None:
+            meme = aggregate(self.cfg.aggregation, got.memes, weights,
+                             trimmed_mean_beta=self.cfg.trimmed_mean_beta,
+                             num_malicious=self.cfg.num_malicious)
         return self.release(meme, got)
 
     def secure_exchange(self, grid: Grid, server_round: int, msgs: list[Message],

@@ -21,11 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from common.compression import Codec, CompressionError, decode
+from common.compression import Codec, CompressionError, State, Template, decode
 from common.options import Compression
-
-Template = dict[str, tuple[tuple[int, ...], np.dtype]]
-State = dict[str, np.ndarray]
 
 NUMPY_STYPE = "numpy.ndarray"
 MAX_HEADER = 4096  # bytes of an .npy header we parse at most (honest ones are < 200)

@@ -7,7 +7,7 @@ check them without torch; what trains imports torch when it runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from common.compression import State
     from common.config import Config
     from common.training import Hyper
 
@@ -74,6 +75,13 @@ class Algorithm:
     def train_config(self, cfg: Config) -> dict[str, float | int | str]:
         """What the server adds to every train message (FedProx's μ, say)."""
         return {}
+
+    def combine(self, memes: Sequence[State], weights: Sequence[float], cfg: Config,
+                ) -> State | None:
+        """The shared model from the clients' checked ones; None: the rule the run config
+        names (``aggregation``, :mod:`server.aggregate`), which is what every algorithm
+        here uses."""
+        return None
 
     # ---------------------------------------------------------------- client
     def hyper(self, cfg: Config, config: Mapping[str, Any], node_round: int,
