@@ -64,13 +64,14 @@ def _models(cfg: Config, context: Context, node: private.NodeInfo, spec: TaskSpe
     received, as the algorithm says)."""
     algo = cfg.algorithm.spec
     received = _received(cfg, spec, content, device)
-    priv = (private.restore(context, cfg, node, spec, device, lineage, max_round, algo.private)
-            if algo.private else None)
+    own = algo.private_for(cfg)
+    priv = (private.restore(context, cfg, node, spec, device, lineage, max_round, own)
+            if own else None)
     if priv is not None and priv.node_round == 0 and received:
         algo.warm_start(priv.models, received)
     own = priv.models if priv is not None else {}
     return {s.name: own[s.name] if s.name in own else received[s.name]
-            for s in algo.slots}, priv
+            for s in algo.slots_for(cfg)}, priv
 
 
 def _train_metrics(stats: TrainStats, mix: float | None) -> dict[str, float | int]:

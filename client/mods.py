@@ -75,7 +75,7 @@ def audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
         for name, record in reply.content.array_records.items():
             for k, a in record.items():
                 arrays[f"reply/{name}/{k}"] = a.numpy()
-    for slot in cfg.algorithm.spec.private:  # every private model ("local" unprefixed)
+    for slot in cfg.algorithm.spec.private_for(cfg):  # every private model ("local" bare)
         stored = private.stored_model(context, cfg, node, slot.name)
         prefix = "private/" if slot.name == "local" else f"private/{slot.name}/"
         for k, a in (stored or {}).items():

@@ -69,6 +69,7 @@ class Config:
     distill_gate_threshold: float
     distill_prior: DistillPrior
     warmup_rounds: int
+    private_peers: int
     personal_mix: bool
     proximal_mu: float
     finetune_epochs: int
@@ -241,6 +242,10 @@ def _load(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(f"run-config key 'personal-mix' = true mixes the private model and "
                           f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "
                           "expected algorithm 'fml'")
+    if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
+        raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
+                          f"private peers by mutual learning, but algorithm "
+                          f"{cfg.algorithm.value!r} has none: expected 1, or algorithm 'fml'")
     _check_privacy(cfg)
     _check_compression(cfg)
     return cfg

@@ -130,3 +130,46 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """½·‖w − w_global‖² over the trainable parameters (FedProx); multiply by μ."""
     return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor,
                                                            strict=True))
+
+
+def peer_losses(logits: dict[str, torch.Tensor], y: torch.Tensor, alpha: float, beta: float,
+                temperature: float = 1.0, distill: Distill = PLAIN,
+                log_prior: torch.Tensor | None = None, shared: str = "meme",
+                ) -> dict[str, torch.Tensor]:
+    """Deep mutual learning among K private peers and the meme (Zhang et al. 2018).
+
+    Every model learns its CE plus the mean, over the other models, of its KL toward each
+    one: L_s = CE_s + (1-α)·mean_{t≠s} w_st·KL(p_t ‖ p_s) for a private peer s, with β in
+    place of α for the meme; ``fixed`` weighting scales the CE by α (β) as in
+    :func:`mutual_losses`, ``adaptive`` divides each pair's KL by CE_s + CE_t (detached),
+    gates and the meme's label prior apply to every pair. A model whose logits are not
+    finite is nobody's teacher. With one peer this is :func:`mutual_losses`, exactly.
+    """
+    names = list(logits)
+    finite = {k: bool(v.isfinite().all()) for k, v in logits.items()}
+    if len(names) == 2 and shared in logits:
+        peer = next(k for k in names if k != shared)
+        loss_p, loss_m = mutual_losses(logits[peer], logits[shared], y,
+                                       alpha if finite[shared] else 1.0,
+                                       beta if finite[peer] else 1.0, temperature, distill,
+                                       log_prior)
+        return {peer: loss_p, shared: loss_m}
+    ce = {k: F.cross_entropy(v, y) for k, v in logits.items()}
+    additive = distill.weighting is DistillWeighting.ADDITIVE
+    out = {}
+    for s in names:
+        coef = beta if s == shared else alpha
+        loss = ce[s] if additive else coef * ce[s]
+        teachers = [t for t in names if t != s and finite[t]]
+        if coef < 1 and teachers:
+            terms = []
+            for t in teachers:
+                teacher = (logits[t] + log_prior if t == shared and log_prior is not None
+                           else logits[t])
+                weight = (1.0 / (ce[s] + ce[t]).detach().clamp_min(1e-8)
+                          if distill.weighting is DistillWeighting.ADAPTIVE else 1.0)
+                terms.append(weight * _distill_term(logits[s], teacher, y, temperature,
+                                                    distill))
+            loss = loss + (1 - coef) * sum(terms) / len(terms)
+        out[s] = loss
+    return out

@@ -193,6 +193,10 @@ SCHEMA: tuple[Key, ...] = (
         "the meme renormalised over the client's own classes (FedRS, Li & Zhan 2021)"),
     Key("warmup-rounds", int, 0, M, "a private model's first k trainings learn from the "
         "labels only (the meme still distils from it)", *_ints(0)),
+    Key("private-peers", int, 1, M, "`fml`: K private models per client (deep mutual "
+        "learning's students, the node's architecture), each learning CE + the mean KL toward "
+        "all the others, the meme included; `local_accuracy` is the first, `peers_accuracy` "
+        "their mean prediction. 1: the private model and the meme", *_ints(1, 8)),
     Key("personal-mix", bool, False, M, "`fml` only: each client also learns w for its "
         "personalised prediction w·p_local + (1-w)·p_meme on its training data and is "
         "scored on it (`mix_accuracy`; APFL, Deng et al. 2020)"),

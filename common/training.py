@@ -153,6 +153,24 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
 
 
 @torch.no_grad()
+def evaluate_ensemble(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor,
+                      device: torch.device, batch_size: int = 512) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of the models' mean softmax: K peers' one prediction."""
+    if len(y) == 0:
+        return float("nan"), float("nan")
+    for m in models:
+        m.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = x[start:start + batch_size].to(device)
+        yb = y[start:start + batch_size].to(device)
+        p = torch.stack([F.softmax(m(xb), 1) for m in models]).mean(0)
+        loss += F.nll_loss(p.clamp_min(1e-12).log(), yb, reduction="sum").item()
+        correct += (p.argmax(1) == yb).sum().item()
+    return loss / len(y), correct / len(y)
+
+
+@torch.no_grad()
 def evaluate_mixture(local: nn.Module, meme: nn.Module, weight: float, x: torch.Tensor,
                      y: torch.Tensor, device: torch.device, batch_size: int = 512,
                      ) -> tuple[float, float]:

@@ -309,16 +309,18 @@ class MemeStrategy(FedAvg):
                 "num_train": info.get("num-train"),
                 **{k.replace("-", "_"): got.metrics.get(k) for k in (
                     "local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
-                    "mix-accuracy", "mix-loss", "mix-weight")}})
+                    "mix-accuracy", "mix-loss", "mix-weight", "peers-accuracy",
+                    "peers-loss")}})
         self.run_log.set_clients(clients)
         means = weighted_means([c for c in checked if c.num_examples > 0],
                                ("local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
-                                "mix-accuracy", "mix-loss"))
+                                "mix-accuracy", "mix-loss", "peers-accuracy", "peers-loss"))
         if not means:
             return None
         self.run_log.set(local_accuracy=means.get("local-accuracy"),
                          meme_accuracy=means.get("meme-accuracy"),
-                         mix_accuracy=means.get("mix-accuracy"))
+                         mix_accuracy=means.get("mix-accuracy"),
+                         peers_accuracy=means.get("peers-accuracy"))
         return MetricRecord(means)
 
 

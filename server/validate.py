@@ -34,7 +34,7 @@ SLOT_METRIC = re.compile(r"train-(loss|acc)-[a-z][a-z0-9]{0,15}(-[a-z0-9]{1,15})
 #: the metrics an evaluation reply may carry
 EVALUATE_METRICS = frozenset({"num-examples", "local-accuracy", "local-loss",
                               "meme-accuracy", "meme-loss", "mix-accuracy", "mix-loss",
-                              "mix-weight"})
+                              "mix-weight", "peers-accuracy", "peers-loss"})
 _UNIT = {"acc", "accuracy", "weight"}  # metrics named with these words lie in [0, 1]
 MAX_COUNT = 10**9  # a num-examples at most, where the operator set no cap
 

@@ -328,3 +328,42 @@ def test_seen_mask_renormalises_the_teacher_over_the_clients_classes():
         ps = _softmax(s_row)
         kl += sum(b * math.log(b / a) for a, b in zip(ps, pt, strict=True) if b > 0)
     assert ll.item() == pytest.approx(0.5 * ce_l + 0.5 * kl / 3, rel=1e-5)
+
+
+PEER = torch.tensor([[0.5, 0.5, 0.0], [-1.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _peer_expected(student, others, coef):
+    """CE + (1-coef)·mean over the other models of the batch-mean KL(p_t ‖ p_s), by hand."""
+    n = len(Y)
+    ce = sum(_ce(row, int(c)) for row, c in zip(_rows(student), Y, strict=True)) / n
+    kls = [sum(_kl(s, t) for s, t in zip(_rows(student), _rows(o), strict=True)) / n
+           for o in others]
+    return ce + (1 - coef) * sum(kls) / len(kls)
+
+
+def test_three_models_learn_ce_plus_the_mean_kl_toward_the_two_others():
+    from common.mutual import peer_losses
+    from common.options import DistillWeighting
+
+    additive = Distill(weighting=DistillWeighting.ADDITIVE)
+    got = peer_losses({"local": LOCAL, "peer-2": PEER, "meme": MEME}, Y, alpha=0.3, beta=0.6,
+                      distill=additive)
+    assert got["local"].item() == pytest.approx(_peer_expected(LOCAL, [PEER, MEME], 0.3))
+    assert got["peer-2"].item() == pytest.approx(_peer_expected(PEER, [LOCAL, MEME], 0.3))
+    assert got["meme"].item() == pytest.approx(_peer_expected(MEME, [LOCAL, PEER], 0.6))
+    # a diverged peer teaches nobody: the others' mean runs over the finite teachers only
+    broken = PEER.clone()
+    broken[0, 0] = float("nan")
+    got = peer_losses({"local": LOCAL, "peer-2": broken, "meme": MEME}, Y, alpha=0.3,
+                      beta=0.6, distill=additive)
+    assert got["local"].item() == pytest.approx(_peer_expected(LOCAL, [MEME], 0.3))
+
+
+def test_one_peer_is_the_two_model_loss_bit_for_bit():
+    from common.mutual import peer_losses
+
+    local = LOCAL.clone().requires_grad_()
+    got = peer_losses({"local": local, "meme": MEME}, Y, alpha=0.5, beta=0.5)
+    want = mutual_losses(local, MEME, Y, 0.5, 0.5)
+    assert torch.equal(got["local"], want[0]) and torch.equal(got["meme"], want[1])

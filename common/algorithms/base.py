@@ -67,6 +67,14 @@ class Algorithm:
         """The slots that never leave the device."""
         return tuple(s for s in self.slots if not s.shared)
 
+    def slots_for(self, cfg: Config) -> tuple[Slot, ...]:
+        """The slots of a run with this config (an algorithm may hold K models)."""
+        return self.slots
+
+    def private_for(self, cfg: Config) -> tuple[Slot, ...]:
+        """The private slots of a run with this config."""
+        return tuple(s for s in self.slots_for(cfg) if not s.shared)
+
     def check(self, cfg: Config) -> str | None:
         """Why this config cannot run this algorithm (a rule across keys), or None."""
         return None

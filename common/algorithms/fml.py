@@ -44,42 +44,54 @@ class Fml(Algorithm):
         hp.mix = mix if cfg.personal_mix else None
         return hp
 
+    def slots_for(self, cfg: Config) -> tuple[Slot, ...]:
+        """``private-peers`` = K: the private peers ``local``, ``peer-2`` … ``peer-K``
+        (deep mutual learning's students, the node's architecture), then the meme."""
+        peers = tuple(Slot(f"peer-{i}") for i in range(2, cfg.private_peers + 1))
+        return (Slot("local"), *peers, Slot("meme", shared=True, arch="meme"))
+
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
         return _Batches(hp.mix, y)
 
     def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
                state: _Batches) -> dict[str, torch.Tensor]:
-        """The two mutual losses; a diverged model (non-finite logits) is never a teacher,
-        so a meme blown up by DP noise cannot turn the private model into NaNs."""
-        from common.mutual import label_log_prior, mixture_step, mutual_losses, seen_log_mask
+        """The mutual losses (:func:`common.mutual.peer_losses`); a diverged model
+        (non-finite logits) is never a teacher, so a meme blown up by DP noise cannot turn
+        the private models into NaNs."""
+        from common.mutual import label_log_prior, mixture_step, peer_losses, seen_log_mask
         from common.options import DistillPrior
 
         out_l, out_m = out["local"], out["meme"]
-        finite_l, finite_m = bool(out_l.isfinite().all()), bool(out_m.isfinite().all())
-        if state.mix is not None and finite_l and finite_m:
+        if (state.mix is not None and bool(out_l.isfinite().all())
+                and bool(out_m.isfinite().all())):
             state.mix = mixture_step(out_l, out_m, y, state.mix, hp.mix_lr)
         prior = hp.distill.prior
         if prior is not DistillPrior.NONE and state.log_prior is None:
             state.log_prior = (label_log_prior(state.labels, out_m.shape[1])
                                if prior is DistillPrior.CLIENT
                                else seen_log_mask(state.labels, out_m.shape[1]))
-        loss_l, loss_m = mutual_losses(out_l, out_m, y, hp.alpha if finite_m else 1.0,
-                                       hp.beta if finite_l else 1.0, hp.temperature,
-                                       hp.distill, state.log_prior)
-        return {"local": loss_l, "meme": loss_m}
+        return peer_losses(dict(out), y, hp.alpha, hp.beta, hp.temperature, hp.distill,
+                           state.log_prior)
 
     def end(self, state: _Batches) -> float | None:
         return state.mix
 
     def extra_metrics(self, models: Mapping[str, nn.Module], mix: float | None,
                       x: torch.Tensor, y: torch.Tensor, ev: Evaluation) -> dict[str, float]:
-        """With personal-mix: the client's mixture ``w·p_local + (1-w)·p_meme`` scored."""
-        if not ev.cfg.personal_mix or mix is None:
-            return {}
-        from common.training import evaluate_mixture
+        """With personal-mix: the client's mixture ``w·p_local + (1-w)·p_meme``; with K > 1
+        private peers: their mean prediction (``peers-*``; ``local-*`` is the first)."""
+        from common.training import evaluate_ensemble, evaluate_mixture
 
-        loss, acc = evaluate_mixture(models["local"], models["meme"], mix, x, y, ev.device)
-        return {"mix-loss": loss, "mix-accuracy": acc, "mix-weight": mix}
+        metrics: dict[str, float] = {}
+        if ev.cfg.personal_mix and mix is not None:
+            loss, acc = evaluate_mixture(models["local"], models["meme"], mix, x, y,
+                                         ev.device)
+            metrics.update({"mix-loss": loss, "mix-accuracy": acc, "mix-weight": mix})
+        peers = [models[s.name] for s in self.private_for(ev.cfg)]
+        if len(peers) > 1:
+            loss, acc = evaluate_ensemble(peers, x, y, ev.device)
+            metrics.update({"peers-loss": loss, "peers-accuracy": acc})
+        return metrics
 
 
 ALGORITHM = Fml()
