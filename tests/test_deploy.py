@@ -112,7 +112,7 @@ def test_tls_auth_run_with_a_node_killed_and_restarted(dep, tmp_path):
     # and its private model is a trained one, not a fresh initialisation
     data = load_client_data(load_config(RUN), 1, 2)
     model = build_model("mlp", TaskSpec(1, 8, 10))
-    model.load_state_dict(after["model"])
+    model.load_state_dict(after["models"]["local"]["model"])
     assert evaluate(model, data.x_test, data.y_test, torch.device("cpu"))[1] > 0.5
     assert (tmp_path / "tls" / "meme_final.pt").exists()
     assert dep.run_statuses(timeout=120) == ["finished:completed"]
