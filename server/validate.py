@@ -139,9 +139,11 @@ def _scalars(record: Mapping, allowed: frozenset[str]) -> dict[str, float]:
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise Rejected(f"metric '{key}' is {type(value).__name__}, expected a number")
+        words = set(key.split("-"))
+        if "loss" in words and (math.isnan(value) or value == math.inf):
+            continue  # an honest diverged model's loss (DP noise): says nothing, dropped
         if not math.isfinite(value) or abs(value) > 1e12:
             raise Rejected(f"metric '{key}' = {value} is not a finite number")
-        words = set(key.split("-"))
         if words & _UNIT and not 0 <= value <= 1:
             raise Rejected(f"metric '{key}' = {value} is outside [0, 1]")
         if "loss" in words and value < 0:

@@ -125,7 +125,7 @@ def hostile_train(draw) -> tuple[dict, dict, list[str]]:
     elif defect == "metric":
         key, value = draw(st.one_of(
             st.tuples(st.just("train-loss-meme"),
-                      st.sampled_from([float("nan"), float("inf"), 1e300, -3.0, [1.0, 2.0]])),
+                      st.sampled_from([-float("inf"), 1e300, -3.0, [1.0, 2.0]])),
             st.tuples(st.just("train-acc-meme"), st.sampled_from([7.5, -0.1, float("nan")])),
             st.tuples(st.sampled_from(["x", "m", "client-key"]), st.just(1.0))))
         metrics[key] = value
@@ -350,3 +350,19 @@ def test_an_evaluation_weight_above_the_identified_test_split_is_refused(tmp_pat
     assert log._current["local_accuracy"] == pytest.approx(0.8)
     [why] = log._current["rejections"]
     assert why["node"] == 3 and "exceeds the 30 test examples" in why["reason"]
+
+
+def test_a_diverged_models_nan_loss_is_dropped_not_held_against_the_reply(tmp_path):
+    """DP noise can blow up the meme an honest client evaluates: its loss is NaN or inf,
+    its accuracy still a number. The reply counts; only the loss is left out."""
+    strat, log = _strategy(str(tmp_path))
+    replies = [Message(content=RecordDict({"metrics": MetricRecord(m)}),
+                       metadata=_meta(node, MessageType.EVALUATE))
+               for node, m in ((1, {"num-examples": 10, "meme-accuracy": 0.2,
+                                    "meme-loss": float("nan")}),
+                               (2, {"num-examples": 30, "meme-accuracy": 0.6,
+                                    "meme-loss": float("inf")}))]
+    strat.aggregate_evaluate(1, replies)
+    assert log._current["rejected_updates"] == 0
+    assert log._current["meme_accuracy"] == pytest.approx((10 * 0.2 + 30 * 0.6) / 40)
+    assert [c["meme_loss"] for c in log._current_clients] == [None, None]
