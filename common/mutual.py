@@ -126,6 +126,12 @@ def mixture_step(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torch
     return min(1.0, max(0.0, weight - lr * grad))
 
 
+def anchor_of(model: nn.Module) -> list[torch.Tensor]:
+    """A detached copy of the model's trainable parameters: what :func:`proximal_term`
+    pulls toward (FedProx's and Ditto's received global model)."""
+    return [p.detach().clone() for p in model.parameters()]
+
+
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     """½·‖w − w_global‖² over the trainable parameters (FedProx); multiply by μ."""
     return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor,

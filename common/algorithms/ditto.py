@@ -37,7 +37,9 @@ class Ditto(Algorithm):
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
         """The personal model and the global weights as received (the anchor)."""
-        return models["local"], [p.detach().clone() for p in models["meme"].parameters()]
+        from common.mutual import anchor_of
+
+        return models["local"], anchor_of(models["meme"])
 
     def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
                state: Any) -> dict[str, torch.Tensor]:

@@ -37,7 +37,9 @@ class FedProx(FedAvg):
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
         """The meme and its weights as received: the anchor of the proximal term."""
-        return models["meme"], [p.detach().clone() for p in models["meme"].parameters()]
+        from common.mutual import anchor_of
+
+        return models["meme"], anchor_of(models["meme"])
 
     def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
                state: Any) -> dict[str, torch.Tensor]:
