@@ -188,7 +188,8 @@ def restore(context: Context, cfg: Config, node: NodeInfo, spec: TaskSpec,
         torch.manual_seed(derive_seed(cfg.seed, "private-init", node.client_key)
                           if slot.name == "local"
                           else derive_seed(cfg.seed, "private-init", node.client_key, slot.name))
-        archs[slot.name] = node.local_model if slot.arch == "local" else cfg.meme_model
+        archs[slot.name] = {"local": node.local_model, "meme": cfg.meme_model}.get(
+            slot.arch, slot.arch)
         models[slot.name] = build_model(archs[slot.name], spec).to(device)
         optimizers[slot.name] = make_optimizer(models[slot.name], cfg)
     priv = PrivateModel(models, optimizers, archs)

@@ -70,6 +70,7 @@ class Config:
     distill_prior: DistillPrior
     warmup_rounds: int
     private_peers: int
+    peer_models: str
     personal_mix: bool
     proximal_mu: float
     finetune_epochs: int
@@ -150,6 +151,12 @@ class Config:
     def npz_std_values(self) -> tuple[float, ...]:
         """``npz-std`` parsed: one value, or one per channel."""
         return floats(self.npz_std)
+
+    @property
+    def peer_archs(self) -> tuple[str, ...]:
+        """``peer-models`` parsed: the architectures of private peers 2…K (empty: each
+        is the node's ``local-model``)."""
+        return tuple(n.strip() for n in self.peer_models.split(",") if n.strip())
 
     def local_model_for(self, partition_id: int | None) -> str:
         """The private model's architecture: ``local-models`` cycled by partition id."""
@@ -246,6 +253,12 @@ def _load(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "
                           f"{cfg.algorithm.value!r} has none: expected 1, or algorithm 'fml'")
+    archs = cfg.peer_archs
+    if archs and len(archs) != cfg.private_peers - 1:
+        raise ConfigError(f"run-config key 'peer-models' = {cfg.peer_models!r} names "
+                          f"{len(archs)} architecture(s), but 'private-peers' = "
+                          f"{cfg.private_peers} has {cfg.private_peers - 1} peer(s) besides "
+                          "the first: expected one per peer 2…K, or empty")
     _check_privacy(cfg)
     _check_compression(cfg)
     return cfg

@@ -197,6 +197,10 @@ SCHEMA: tuple[Key, ...] = (
         "learning's students, the node's architecture), each learning CE + the mean KL toward "
         "all the others, the meme included; `local_accuracy` is the first, `peers_accuracy` "
         "their mean prediction. 1: the private model and the meme", *_ints(1, 8)),
+    Key("peer-models", str, "", M, "`fml` with `private-peers` = K > 1: the architectures "
+        "of peers 2…K, a comma list of K-1 models (heterogeneous students; the first peer "
+        "is the node's `local-model`); empty: the node's `local-model` for every peer",
+        _model_list, f"empty or a comma list of {_MODELS}"),
     Key("personal-mix", bool, False, M, "`fml` only: each client also learns w for its "
         "personalised prediction w·p_local + (1-w)·p_meme on its training data and is "
         "scored on it (`mix_accuracy`; APFL, Deng et al. 2020)"),

@@ -106,14 +106,16 @@ def test_the_new_plug_ins_run_end_to_end(simlink, tmp_path, algorithm):
 
 
 def test_fml_with_three_private_peers_keeps_all_on_the_device(simlink, tmp_path):
-    """K = 3 students per client (deep mutual learning) beside the meme: each round
-    reports the first peer and the peers' mean prediction; the wire audit shows that only
-    the meme went up while the client held all three peers."""
+    """K = 3 students per client (deep mutual learning) beside the meme, of two
+    architectures (``peer-models``: peer-2 a CNN, the others MLPs): each round reports the
+    first peer and the peers' mean prediction; the wire audit shows that only the meme
+    went up while the client held all three peers, each of its own architecture."""
     import numpy as np
 
     audit = tmp_path / "audit"
     log = simlink.run({**PORT_CONFIG, "algorithm": "fml", "private-peers": 3,
-                       "audit-dir": str(audit), "output-dir": str(tmp_path), "run-name": "k3"})
+                       "peer-models": "cnn,mlp", "audit-dir": str(audit),
+                       "output-dir": str(tmp_path), "run-name": "k3"})
     path = tmp_path / "k3" / "metrics.json"
     assert path.exists(), log[-3000:]
     for r in json.loads(path.read_text()):
@@ -124,7 +126,10 @@ def test_fml_with_three_private_peers_keeps_all_on_the_device(simlink, tmp_path)
     for f in trained:
         with np.load(f) as z:
             held = {k.split("/")[1] for k in z.files if k.startswith("private/")}
+            convs = {k.split("/")[1] for k in z.files
+                     if k.startswith("private/") and z[k].ndim == 4}  # conv kernels
             sent = {k for k in z.files if k.startswith("reply/")}
         assert {"peer-2", "peer-3"} <= held  # every peer kept (and "local"'s bare keys)
+        assert convs == {"peer-2"}  # the CNN peer; "local" and peer-3 are MLPs
         assert all(k.startswith("reply/arrays/") for k in sent)
         assert not any("peer" in k for k in sent)

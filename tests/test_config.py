@@ -32,6 +32,8 @@ def test_pyproject_lists_every_key_with_the_schema_default():
         ("algorithm", "fedsgd", "fml, fedavg, fedprox, local"),
         ("meme-model", "vgg", "cnn"),
         ("local-models", "cnn,foo", "comma list"),
+        ("peer-models", "cnn,vgg", "comma list"),
+        ("private-peers", 9, "[1, 8]"),
         ("device", "tpu", "cuda:N"),
         ("evaluate-every", 0, "[1, 2147483647]"),
         ("precision", "fp16", "fp32, bf16"),
@@ -139,6 +141,22 @@ def test_unknown_key_refused():
 def test_cross_key_rules():
     with pytest.raises(ConfigError, match="'proximal-mu'"):
         load_config({"algorithm": "fedprox", "proximal-mu": 0.0})
+
+
+def test_peer_models_name_one_architecture_per_peer_after_the_first():
+    from common.algorithms import get
+
+    with pytest.raises(ConfigError, match=r"'peer-models' = 'mlp'.*'private-peers' = 3"):
+        load_config({"private-peers": 3, "peer-models": "mlp"})
+    with pytest.raises(ConfigError, match="'private-peers' = 2"):  # peers need fml
+        load_config({"algorithm": "fedavg", "private-peers": 2, "peer-models": "mlp"})
+    cfg = load_config({"private-peers": 3, "peer-models": "mlp, cnn-bn"})
+    slots = get("fml").slots_for(cfg)
+    assert [(s.name, s.arch, s.shared) for s in slots] == [
+        ("local", "local", False), ("peer-2", "mlp", False), ("peer-3", "cnn-bn", False),
+        ("meme", "meme", True)]
+    plain = get("fml").slots_for(load_config({"private-peers": 2}))
+    assert [s.arch for s in plain] == ["local", "local", "meme"]
 
 
 def test_types_and_local_model_cycle():

@@ -26,7 +26,8 @@ class Slot:
 
     ``shared``: it goes up after training and the server combines it (the meme); else it
     is private and never leaves the device. ``arch``: whose architecture it has, the
-    node's ``local-model`` ("local") or the federation's ``meme-model`` ("meme").
+    node's ``local-model`` ("local"), the federation's ``meme-model`` ("meme"), or a model
+    named outright (``peer-models``).
     """
 
     name: str

@@ -46,8 +46,10 @@ class Fml(Algorithm):
 
     def slots_for(self, cfg: Config) -> tuple[Slot, ...]:
         """``private-peers`` = K: the private peers ``local``, ``peer-2`` … ``peer-K``
-        (deep mutual learning's students, the node's architecture), then the meme."""
-        peers = tuple(Slot(f"peer-{i}") for i in range(2, cfg.private_peers + 1))
+        (deep mutual learning's students: the node's architecture, or ``peer-models``'),
+        then the meme."""
+        archs = cfg.peer_archs or ("local",) * (cfg.private_peers - 1)
+        peers = tuple(Slot(f"peer-{i}", arch=a) for i, a in enumerate(archs, start=2))
         return (Slot("local"), *peers, Slot("meme", shared=True, arch="meme"))
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
