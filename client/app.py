@@ -18,6 +18,7 @@ from torch import nn
 from client import private
 from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
+from client.teachers import teachers
 from common.algorithms.base import Evaluation
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data
@@ -106,7 +107,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 @app.train(mods=[secure_mod, legacy_mod, compress_mod, dp_clip_mod, fault_mod])
 def train(msg: Message, context: Context) -> Message:
-    """One local update of the algorithm's models; reply the shared one (the meme)."""
+    """One local update of the algorithm's models; reply the one it uploads (the meme)."""
     cfg = load_config(context.run_config)
     config = msg.content["config"]
     server_round = int(config["server-round"])
@@ -124,6 +125,8 @@ def train(msg: Message, context: Context) -> Message:
         optimizers = {name: priv.optimizers[name] if priv and name in priv.optimizers
                       else make_optimizer(model, cfg)  # shared: fresh each round
                       for name, model in models.items()}
+        if algo.keeps_teachers:  # frozen: no optimizer (co-distillation)
+            models.update(teachers(cfg, context, node, spec, msg.content, device, lineage))
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     hp = algo.hyper(cfg, config, priv.node_round if priv else 0, priv.mix if priv else 0.5)
@@ -136,9 +139,8 @@ def train(msg: Message, context: Context) -> Message:
             priv.node_round += 1
             priv.server_round, priv.lineage = server_round, lineage
             private.store(context, cfg, priv, node)
-        shared = algo.shared
-        arrays = (to_record(models[shared.name].state_dict()) if shared is not None
-                  else ArrayRecord())
+        up = algo.uploads(cfg, server_round)
+        arrays = to_record(models[up].state_dict()) if up is not None else ArrayRecord()
     return Message(RecordDict({"arrays": arrays,
                                "metrics": MetricRecord(_train_metrics(stats, stats.mix))}),
                    reply_to=msg)

@@ -75,6 +75,9 @@ class Config:
     proximal_mu: float
     finetune_epochs: int
     ditto_lambda: float
+    codistill_every: int
+    codistill_burnin: int
+    codistill_teachers: int
     aggregation: Aggregation
     trimmed_mean_beta: float
     num_malicious: int

@@ -41,9 +41,9 @@ def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return kl * (t * t)
 
 
-def _distill_term(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
+def distill_term(student: torch.Tensor, teacher: torch.Tensor, y: torch.Tensor,
                   temperature: float, distill: Distill) -> torch.Tensor:
-    """The batch mean of the (gated) per-sample KL toward ``teacher``."""
+    """The batch mean of the (gated) per-sample KL toward ``teacher`` (logits)."""
     if distill.gate is DistillGate.NONE:
         return distillation_kl(student, teacher, temperature)
     return (kl_per_sample(student, teacher, temperature) * _gate(teacher, y, distill)).mean()
@@ -103,10 +103,10 @@ def mutual_losses(local_logits: torch.Tensor, meme_logits: torch.Tensor, y: torc
               if distill.weighting is DistillWeighting.ADAPTIVE else 1.0)
     if alpha < 1:
         teacher = meme_logits if log_prior is None else meme_logits + log_prior
-        loss_local = loss_local + (1 - alpha) * weight * _distill_term(
+        loss_local = loss_local + (1 - alpha) * weight * distill_term(
             local_logits, teacher, y, temperature, distill)
     if beta < 1:
-        loss_meme = loss_meme + (1 - beta) * weight * _distill_term(
+        loss_meme = loss_meme + (1 - beta) * weight * distill_term(
             meme_logits, local_logits, y, temperature, distill)
     return loss_local, loss_meme
 
@@ -174,7 +174,7 @@ def peer_losses(logits: dict[str, torch.Tensor], y: torch.Tensor, alpha: float, 
                            else logits[t])
                 weight = (1.0 / (ce[s] + ce[t]).detach().clamp_min(1e-8)
                           if distill.weighting is DistillWeighting.ADAPTIVE else 1.0)
-                terms.append(weight * _distill_term(logits[s], teacher, y, temperature,
+                terms.append(weight * distill_term(logits[s], teacher, y, temperature,
                                                     distill))
             loss = loss + (1 - coef) * sum(terms) / len(terms)
         out[s] = loss

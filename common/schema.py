@@ -145,6 +145,14 @@ SCHEMA: tuple[Key, ...] = (
         "global model on its training split before it is evaluated", *_ints(1)),
     Key("ditto-lambda", float, 0.1, T, "`ditto`: λ of the personal model's pull "
         "λ/2·‖v − w_global‖² toward the global model", _non_negative, "a finite number >= 0"),
+    Key("codistill-every", int, 1, T, "`codistill`: forward teachers every k-th round "
+        "after the burn-in (each client's model goes up in the round before)", *_ints(1)),
+    Key("codistill-burnin", int, 1, T, "`codistill`: the first k rounds learn from the "
+        "labels only; teachers are forwarded in rounds k+1, k+1+every, … (with 0 the "
+        "first exchange, round 1, has nothing to forward yet)", *_ints(0)),
+    Key("codistill-teachers", int, 3, T, "`codistill`: how many other clients' latest "
+        "models each client receives at an exchange (drawn with the round's seed)",
+        *_ints(1, 16)),
     Key("meme-model", str, "cnn", T,
         "the shared model: `cnn` (FedAvg/PFLlib 2-conv CNN), `cnn-bn` (the same with "
         "BatchNorm), `mlp` (2×200), `cnn-cifar` (FedAvg CIFAR CNN), `resnet18` "

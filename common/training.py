@@ -71,15 +71,18 @@ def train_epochs(
 ) -> TrainStats:
     """Train on (x, y) for ``hp.epochs``: every model sees the same shuffled batches, the
     algorithm turns all of their logits into each trained model's loss, and each one steps
-    on its own optimizer, in slot order. A non-finite loss is never stepped on. The data
-    stays in memory: batches are index slices, no DataLoader workers.
+    on its own optimizer, in slot order. A model without an optimizer is a frozen teacher
+    (co-distillation's): it predicts in eval mode, without gradients. A non-finite loss is
+    never stepped on. The data stays in memory: batches are index slices, no DataLoader
+    workers.
     """
     if not models:
         raise ValueError("train_epochs needs at least one model")
-    for m in models.values():
-        m.train()
+    for k, m in models.items():
+        m.train(k in optimizers)
     x, y = x.to(device), y.to(device)
-    forward = {k: compiled(m, device) if hp.compile else m for k, m in models.items()}
+    forward = {k: _frozen(m) if k not in optimizers
+               else compiled(m, device) if hp.compile else m for k, m in models.items()}
     state = algorithm.begin(models, y, hp)
     loss_sum = dict.fromkeys(models, 0.0)
     loss_n = dict.fromkeys(models, 0)  # samples whose loss was finite (and stepped on)
@@ -96,6 +99,8 @@ def train_epochs(
             if hp.autocast is not None:  # the losses and their softmaxes in float32
                 out = {k: v.float() for k, v in out.items()}
             for key, loss in algorithm.losses(out, yb, hp, state).items():
+                if key not in optimizers:  # a frozen teacher never trains
+                    continue
                 trained.add(key)
                 if not bool(loss.isfinite()):  # never step on a NaN/Inf loss
                     skipped += 1
@@ -113,6 +118,11 @@ def train_epochs(
               for k in models if k in trained}
     accuracies = {k: correct[k] / n_seen if n_seen else float("nan") for k in models}
     return TrainStats(len(y), losses, accuracies, skipped, algorithm.end(state))
+
+
+def _frozen(model: nn.Module):
+    """A teacher's forward pass: no graph, no gradient."""
+    return torch.no_grad()(model.forward)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

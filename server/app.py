@@ -105,7 +105,8 @@ def checkpointer(cfg: Config, meme: nn.Module, run_log: RunLog, strategy: MemeSt
             load_into(meme, arrays, what="aggregated meme")
         save_checkpoint(run_log.run_dir, server_round, meme.state_dict(), run_log.records, cfg,
                         {"client_keys_seen": len(strategy.clients.keys),
-                         "bindings": strategy.clients.bindings()})
+                         "bindings": strategy.clients.bindings()},
+                        strategy.bank.state() if strategy.bank is not None else None)
 
     return checkpoint
 
@@ -140,7 +141,11 @@ def main(grid: Grid, context: Context) -> None:
             restore_rng(ckpt)
             done = ckpt.round
         initial = to_record(meme.state_dict()) if cfg.algorithm.trains_meme else ArrayRecord()
-        strategy = build_strategy(cfg, run_log, clients, template_of(initial))
+        # what an upload must match: the meme's architecture (co-distillation's models too)
+        strategy = build_strategy(cfg, run_log, clients,
+                                  template_of(to_record(meme.state_dict())))
+        if ckpt is not None and strategy.bank is not None:
+            strategy.bank.restore(ckpt.teachers)
         task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
                 "lineage": run_log.run_dir.name}
         task.update(cfg.algorithm.spec.train_config(cfg))

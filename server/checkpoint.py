@@ -42,18 +42,22 @@ class Checkpoint:
     config: dict[str, Any]
     strategy: dict[str, Any]
     rng: dict[str, Any]
+    teachers: dict[str, dict[str, torch.Tensor]]  # co-distillation's bank, by client key
 
 
 def save_checkpoint(run_dir: Path, server_round: int, meme: dict[str, torch.Tensor],
                     records: list[dict[str, Any]], cfg: Config,
-                    strategy_state: dict[str, Any]) -> Path:
-    """Write ``checkpoint.pt`` for a completed round (temp file, fsync, rename)."""
+                    strategy_state: dict[str, Any],
+                    teachers: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write ``checkpoint.pt`` for a completed round (temp file, fsync, rename); with
+    ``teachers``, co-distillation's bank of the clients' latest models."""
     np_state = np.random.get_state()
     payload = {
         "format": FORMAT, "round": server_round,
         "meme": {k: v.detach().cpu() for k, v in meme.items()},
         "metrics_json": json.dumps(records), "config_json": json.dumps(cfg.to_dict()),
         "strategy_json": json.dumps(strategy_state),
+        "teachers": teachers or {},
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                           *np_state[2:]]},
@@ -78,7 +82,8 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> Checkpoint:
             raise ValueError(f"expected a dict with format {FORMAT}")
         ckpt = Checkpoint(path, int(raw["round"]), dict(raw["meme"]),
                           json.loads(raw["metrics_json"]), json.loads(raw["config_json"]),
-                          json.loads(raw["strategy_json"]), raw["rng"])
+                          json.loads(raw["strategy_json"]), raw["rng"],
+                          dict(raw.get("teachers", {})))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable

@@ -84,8 +84,12 @@ def downlink(cfg: Config, arrays: ArrayRecord) -> ArrayRecord:
 
 
 def messages(kind: str, rnd: int, arrays: ArrayRecord, config: ConfigRecord,
-             nodes: list[int]) -> list[Message]:
-    """One message of ``kind`` per node, each with the meme and the round's config."""
+             nodes: list[int], extra: dict[int, dict[str, ArrayRecord]] | None = None,
+             ) -> list[Message]:
+    """One message of ``kind`` per node, each with the meme and the round's config, and
+    the records ``extra`` holds for that node (co-distillation's teachers)."""
     config["server-round"] = rnd
     record = RecordDict({MEME: arrays, "config": config})
-    return [Message(content=record, message_type=kind, dst_node_id=n) for n in nodes]
+    return [Message(content=RecordDict({MEME: arrays, "config": config, **extra[n]})
+                    if extra and n in extra else record, message_type=kind, dst_node_id=n)
+            for n in nodes]

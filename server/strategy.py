@@ -43,6 +43,7 @@ from server.identity import ClientRegistry, OrderedGrid, TooFewClients
 from server.results import RunLog
 from server.sampling import downlink, messages, sample
 from server.secure import SecureAggregationFailed, SecureResult, secure_mean
+from server.teachers import TeacherBank
 from server.validate import (
     Evaluation,
     Rejected,
@@ -89,6 +90,8 @@ class MemeStrategy(FedAvg):
         self.population = 0  # clients connected when this round sampled
         self.current_arrays = ArrayRecord()  # the meme of the open round, as the server has it
         self.sent_arrays = ArrayRecord()  # ... and as it went down (compression-down)
+        # co-distillation: each client's latest model, forwarded to others as a teacher
+        self.bank = TeacherBank() if cfg.algorithm.spec.keeps_teachers else None
 
     def ordered(self, grid: Grid) -> OrderedGrid:
         """The identified connected nodes in key order (see :class:`ClientRegistry`)."""
@@ -118,10 +121,24 @@ class MemeStrategy(FedAvg):
         identified ones (in key order), and how many there were; counted in
         ``bytes_down``."""
         ids = self.ordered(grid).get_node_ids()
-        msgs = messages(kind, server_round, arrays, config,
-                        sample(self.cfg, kind, server_round, ids))
-        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays))
+        nodes = sample(self.cfg, kind, server_round, ids)
+        extra = (self._teachers(server_round, nodes) if kind == MessageType.TRAIN
+                 else {})
+        msgs = messages(kind, server_round, arrays, config, nodes, extra)
+        self.run_log.add("bytes_down", len(msgs) * record_bytes(arrays) + sum(
+            record_bytes(r) for records in extra.values() for r in records.values()))
         return msgs, len(ids)
+
+    def _teachers(self, server_round: int, nodes: list[int],
+                  ) -> dict[int, dict[str, ArrayRecord]]:
+        """Co-distillation's exchange: each node's teachers (others' latest models)."""
+        k = self.cfg.algorithm.spec.teachers(self.cfg, server_round)
+        if self.bank is None or k == 0:
+            return {}
+        keys = {n: self.clients.key_of(n) for n in nodes}
+        return {n: self.bank.pick(keys[n], k, derive_seed(self.cfg.seed, "teachers",
+                                                          server_round, keys[n]))
+                for n in nodes}
 
     def sent_reference(self) -> State:
         """The open round's meme as the clients received it, in the template's dtypes: what
@@ -149,7 +166,7 @@ class MemeStrategy(FedAvg):
         log(WARNING, "rejected the %s of node %d (client %s): %s", what, node, key, reason)
         self.run_log.reject(stage, node, key, reason)
 
-    def accept(self, replies: list[Message]) -> list[tuple[int, Update]]:
+    def accept(self, server_round: int, replies: list[Message]) -> list[tuple[int, Update]]:
         """The checked updates with their node ids; every other reply costs only itself:
         logged with node and reason, counted in ``rejected_updates``."""
         failed = [m for m in replies if m.has_error()]
@@ -164,8 +181,10 @@ class MemeStrategy(FedAvg):
                                 f"min-clients={self.cfg.min_clients}")
         codec = self.cfg.codec
         compressed = codec.mode is not Compression.NONE
-        admit = partial(
-            admit_update, template=self.template, max_weight=self.max_weight(),
+        uploads = self.cfg.algorithm.spec.uploads(self.cfg, server_round) is not None
+        admit = partial(  # a round without an upload must carry no arrays
+            admit_update, template=self.template if uploads else {},
+            max_weight=self.max_weight(),
             weight_key=self.weighted_by_key, codec=codec,
             reference=self.sent_reference() if compressed else None,
             max_payload=max_payload_bytes(self.template, codec) if compressed else 0)
@@ -192,7 +211,7 @@ class MemeStrategy(FedAvg):
         if self.cfg.secure_aggregation:
             raise SecureAggregationFailed(f"round {server_round}: secure aggregation was "
                                           "asked for, but the replies came in the clear")
-        accepted = self.accept(self.clients.sort_replies(replies))
+        accepted = self.accept(server_round, self.clients.sort_replies(replies))
         return Collected(reference, [u for _, u in accepted], self.sent_train,
                          self.population, [u.meme for _, u in accepted],
                          [node for node, _ in accepted])
@@ -228,6 +247,10 @@ class MemeStrategy(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Collect, aggregate by the configured rule, release."""
         got = self.collect(server_round, replies)
+        if self.bank is not None:  # co-distillation keeps each upload as a teacher
+            for node, meme in zip(got.nodes, got.memes, strict=True):
+                if meme:
+                    self.bank.keep(self.clients.key_of(node), meme)
         if not got.contents or not self.cfg.algorithm.trains_meme:
             return self.release(None, got)
         if got.secure_mean is not None:  # integer counters keep the server's value

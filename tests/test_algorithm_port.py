@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.e2e
@@ -110,8 +111,6 @@ def test_fml_with_three_private_peers_keeps_all_on_the_device(simlink, tmp_path)
     architectures (``peer-models``: peer-2 a CNN, the others MLPs): each round reports the
     first peer and the peers' mean prediction; the wire audit shows that only the meme
     went up while the client held all three peers, each of its own architecture."""
-    import numpy as np
-
     audit = tmp_path / "audit"
     log = simlink.run({**PORT_CONFIG, "algorithm": "fml", "private-peers": 3,
                        "peer-models": "cnn,mlp", "audit-dir": str(audit),
@@ -133,3 +132,33 @@ def test_fml_with_three_private_peers_keeps_all_on_the_device(simlink, tmp_path)
         assert convs == {"peer-2"}  # the CNN peer; "local" and peer-3 are MLPs
         assert all(k.startswith("reply/arrays/") for k in sent)
         assert not any("peer" in k for k in sent)
+
+
+def test_codistill_forwards_stale_teachers_and_sends_models_only_before_an_exchange(
+        simlink, tmp_path):
+    """Co-distillation in a real simulation: 3 clients, burn-in 1, an exchange every 2nd
+    round (rounds 2 and 4). Models go up only in rounds 1 and 3 (the round before an
+    exchange), and each exchange sends every client the other two's: twice the bytes that
+    went up. No meme: nothing goes down in the other rounds."""
+    audit = tmp_path / "audit"
+    log = simlink.run({**PORT_CONFIG, "algorithm": "codistill", "fraction-train": 1.0,
+                       "num-server-rounds": 4, "codistill-burnin": 1, "codistill-every": 2,
+                       "audit-dir": str(audit), "output-dir": str(tmp_path),
+                       "run-name": "codistill"})
+    path = tmp_path / "codistill" / "metrics.json"
+    assert path.exists(), log[-3000:]
+    rows = json.loads(path.read_text())
+    assert [r["num_clients"] for r in rows] == [3, 3, 3, 3]
+    assert [r["rejected_updates"] for r in rows] == [0, 0, 0, 0]
+    up, down = [r["bytes_up"] for r in rows], [r["bytes_down"] for r in rows]
+    assert up[0] > 0 and up[0] == up[2] and up[1] == up[3] == 0
+    assert down[0] == 0 and down[2] == 0
+    assert down[1] == 2 * up[0] and down[3] == 2 * up[2]
+    assert all(r["local_accuracy"] is not None and r["meme_accuracy"] is None for r in rows)
+    replies = sorted(f for f in audit.rglob("*train*.npz"))
+    assert len(replies) == 12
+    for f in replies:  # a model goes up, or nothing; never anything but its arrays
+        with np.load(f) as z:
+            sent = [k for k in z.files if k.startswith("reply/")]
+        assert all(k.startswith("reply/arrays/") for k in sent)
+    assert sum(1 for f in replies if any(k.startswith("reply/") for k in np.load(f).files)) == 6

@@ -26,6 +26,7 @@ REGISTRY: dict[str, str] = {
     "local": "common.algorithms.local",
     "fedavg-ft": "common.algorithms.fedavg_ft",
     "ditto": "common.algorithms.ditto",
+    "codistill": "common.algorithms.codistill",
 }
 
 

@@ -56,6 +56,7 @@ class Algorithm:
     name: str = ""
     summary: str = ""  # one line for the reference page
     slots: tuple[Slot, ...] = ()
+    keeps_teachers: bool = False  # distils from forwarded teachers (``teacher-*`` records)
 
     # ---------------------------------------------------------------- facts
     @property
@@ -79,6 +80,18 @@ class Algorithm:
     def check(self, cfg: Config) -> str | None:
         """Why this config cannot run this algorithm (a rule across keys), or None."""
         return None
+
+    def uploads(self, cfg: Config, server_round: int) -> str | None:
+        """The slot whose weights a client's train reply carries in ``server_round``: the
+        shared one (None: nothing goes up but metrics)."""
+        shared = self.shared
+        return shared.name if shared is not None else None
+
+    def teachers(self, cfg: Config, server_round: int) -> int:
+        """How many other clients' latest uploads the server forwards to each trained
+        client in ``server_round`` as frozen teachers (``teacher-1`` …; co-distillation);
+        none here."""
+        return 0
 
     # ---------------------------------------------------------------- server
     def train_config(self, cfg: Config) -> dict[str, float | int | str]:
