@@ -4,11 +4,13 @@
         --algorithms fml fedavg fedprox local --seeds 0 1 2 --out outputs/grid \\
         [--set num-server-rounds=30]
 
-Each run writes ``<out>/<preset>/<algorithm>-seed<seed>/``. A run whose ``metrics.json``
-already has every round is skipped; one that was interrupted continues from its
-checkpoint (``resume-from``), so re-running the same command resumes the grid. Runs with
-private models keep them in ``<run>/private-state/`` (``state-dir``), so a resumed run
-continues them instead of starting fresh ones.
+An algorithm may also be a variant: ``simulations/variants/<name>.toml`` names its
+``algorithm`` and the keys it sets (``fml-k2``: FML with two private peers), on top of the
+preset. Each run writes ``<out>/<preset>/<algorithm or variant>-seed<seed>/``. A run
+whose ``metrics.json`` already has every round is skipped; one that was interrupted
+continues from its checkpoint (``resume-from``), so re-running the same command resumes
+the grid. Runs with private models keep them in ``<run>/private-state/``
+(``state-dir``), so a resumed run continues them instead of starting fresh ones.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common.config import Algorithm, load_config
 from common.flwr_local import ROOT, SimLink
 
 PRESETS = ROOT / "simulations" / "presets"
+VARIANTS = ROOT / "simulations" / "variants"
 
 
 def load_preset(name: str) -> tuple[dict[str, Any], int]:
@@ -52,6 +55,25 @@ def load_preset(name: str) -> tuple[dict[str, Any], int]:
     if base is not None:
         return overrides, base_clients
     raise SystemExit(f"{PRESETS / 'supernodes.toml'} has no client count for {name!r}")
+
+
+def load_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """The algorithm a grid name runs and the keys it sets: a registered algorithm as it
+    is, or a variant file (its ``algorithm`` and overrides)."""
+    if name in {a.value for a in Algorithm}:
+        return name, {}
+    path = VARIANTS / f"{name}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in VARIANTS.glob("*.toml"))
+        raise SystemExit(f"unknown algorithm or variant {name!r}: expected one of "
+                         f"{', '.join(a.value for a in Algorithm)}, or a variant "
+                         f"({', '.join(known)}) in {VARIANTS}")
+    keys = tomllib.loads(path.read_text())
+    algorithm = keys.get("algorithm")
+    if algorithm not in {a.value for a in Algorithm}:
+        raise SystemExit(f"{path}: 'algorithm' = {algorithm!r}, expected one of "
+                         f"{', '.join(a.value for a in Algorithm)}")
+    return algorithm, keys
 
 
 @dataclass
@@ -115,23 +137,25 @@ def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[
     """Run every missing cell; returns the jobs (run folders under ``out``)."""
     out = out.resolve()
     cells = [(p, *load_preset(p)) for p in presets]
+    variants = {a: load_variant(a) for a in algorithms}
     for _, cfg, _ in cells:
-        load_config({**cfg, **(extra or {})})
-    for a in algorithms:
-        Algorithm(a)
+        for _, keys in variants.values():
+            load_config({**cfg, **(extra or {}), **keys})
     jobs = [(Job(p, a, s, out), cfg, n) for p, cfg, n in cells for s in seeds for a in algorithms]
     durations: list[float] = []
     with tempfile.TemporaryDirectory(prefix="fedmutual-grid-") as home, SimLink(Path(home)) as link:
         for i, (job, preset_cfg, clients) in enumerate(jobs, start=1):
-            rounds = int({**preset_cfg, **(extra or {})}.get("num-server-rounds", 5))
+            rounds = int({**preset_cfg, **(extra or {}), **variants[job.algorithm][1]}.get(
+                "num-server-rounds", 5))
             if job.rounds_done() >= rounds:
                 print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: done, "
                       "skipped", flush=True)
                 continue
-            run_config = {**preset_cfg, **(extra or {}), "algorithm": job.algorithm,
+            algorithm, keys = variants[job.algorithm]
+            run_config = {**preset_cfg, **(extra or {}), **keys, "algorithm": algorithm,
                           "seed": job.seed, "output-dir": str(out / job.preset),
                           "run-name": job.run_dir.name}
-            if Algorithm(job.algorithm).trains_local:  # private models survive a resume
+            if Algorithm(algorithm).trains_local:  # private models survive a resume
                 run_config["state-dir"] = str(job.state_dir)
             if (job.run_dir / "checkpoint.pt").exists():
                 run_config["resume-from"] = str(job.run_dir)
@@ -176,7 +200,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     flags add up, as a user would expect; ``--set a=1 b=2`` works too)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", required=True)
-    p.add_argument("--algorithms", nargs="+", default=[a.value for a in Algorithm])
+    p.add_argument("--algorithms", nargs="+", default=[a.value for a in Algorithm],
+                   help="registered algorithms or variants (simulations/variants/*.toml)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "grid")
     p.add_argument("--cpus-per-client", type=int, default=1,

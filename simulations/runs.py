@@ -14,7 +14,7 @@ from typing import Any
 
 Runs = dict[str, dict[str, list[dict[str, Any]]]]
 
-RUN_DIR = re.compile(r"^(?P<algorithm>[a-z][a-z-]*?)-seed(?P<seed>\d+)$")
+RUN_DIR = re.compile(r"^(?P<algorithm>[a-z][a-z0-9.-]*?)-seed(?P<seed>\d+)$")
 ORDER = ["fml", "fedavg", "fedprox", "fedavg-ft", "ditto", "codistill", "local"]
 # The client-side accuracy each algorithm is judged by: FML's and local's private model,
 # FedAvg's and FedProx's global model on each client's own test split; the others (FedAvg's

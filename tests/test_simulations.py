@@ -52,6 +52,34 @@ def test_overrides_are_typed_toml_values_shared_by_grid_and_bench_round():
             overrides(bad, "--option")
 
 
+def test_every_variant_names_an_algorithm_and_valid_keys():
+    from simulations.grid import VARIANTS, load_variant
+
+    names = sorted(p.stem for p in VARIANTS.glob("*.toml"))
+    assert {"codistill-e1", "codistill-e10", "fml-k2", "fml-k3"} <= set(names)
+    for name in names:
+        algorithm, keys = load_variant(name)
+        cfg = load_config(keys)
+        assert cfg.algorithm.value == algorithm == keys["algorithm"]
+    assert load_variant("fml-k3")[1]["private-peers"] == 3
+    assert load_variant("fedavg") == ("fedavg", {})
+    with pytest.raises(SystemExit, match="'fml-k9'.*fml-k2"):
+        load_variant("fml-k9")
+
+
+def test_run_folders_of_hyphenated_algorithms_and_variants_are_read(tmp_path):
+    from simulations.runs import load_runs
+
+    for name in ("fedavg-ft-seed0", "codistill-e5-seed12", "fml-seed1"):
+        run = tmp_path / "preset" / name
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps([{"round": 1}]))
+        (run / "config.json").write_text(json.dumps({"num-server-rounds": 1}))
+    runs = load_runs(tmp_path)["preset"]
+    assert {a: [r["seed"] for r in rs] for a, rs in runs.items()} == {
+        "fedavg-ft": [0], "codistill-e5": [12], "fml": [1]}
+
+
 def test_every_preset_is_a_valid_run_config_with_a_client_count():
     names = [p.stem for p in PRESETS.glob("*.toml") if p.stem != "supernodes"]
     assert {"fmnist-dir0.1", "fmnist-pathological", "fmnist-iid", "digits-quick"} <= set(names)
