@@ -24,7 +24,9 @@ PERSONAL_KEY = {"fml": "local_accuracy", "local": "local_accuracy", "fedavg": "m
 
 
 def personal_key(algo: str, run: dict[str, Any]) -> str:
-    """The accuracy a run is judged by: with ``personal-mix``, FML's mixture of the two."""
+    """The accuracy a run is judged by: with ``personal-mix``, FML's mixture of the two. A
+    variant (``fml-k2``) is judged as the algorithm its config names."""
+    algo = str(run.get("config", {}).get("algorithm", algo))
     if algo == "fml" and run.get("config", {}).get("personal-mix"):
         return "mix_accuracy"
     return PERSONAL_KEY.get(algo, "local_accuracy")
