@@ -19,9 +19,9 @@ from client import private
 from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
 from client.teachers import teachers
-from common.algorithms.base import Evaluation
+from common.algorithms.base import SCORED, Evaluation
 from common.config import Config, load_config
-from common.data import ClientData, load_client_data
+from common.data import ClientData, load_client_data, validation_split
 from common.models import TaskSpec, build_model
 from common.profiling import phase
 from common.records import load_into, meme_record, to_record
@@ -130,9 +130,10 @@ def train(msg: Message, context: Context) -> Message:
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     hp = algo.hyper(cfg, config, priv.node_round if priv else 0, priv.mix if priv else 0.5)
+    x, y, _, _ = validation_split(data.x_train, data.y_train, algo.holdout(cfg),
+                                  derive_seed(cfg.seed, "validation", node.client_key))
     with step("train.sgd", device=str(device)):
-        stats = train_epochs(models, optimizers, algo, data.x_train, data.y_train, hp, gen,
-                             device)
+        stats = train_epochs(models, optimizers, algo, x, y, hp, gen, device)
     with step("train.models-out"):
         if priv is not None:
             priv.mix = stats.mix if stats.mix is not None else priv.mix
@@ -164,11 +165,15 @@ def evaluate_both(msg: Message, context: Context) -> Message:
     with step("evaluate.models-in"):
         models, priv = _models(cfg, context, node, spec, msg.content, device,
                                str(config.get("lineage", "")), server_round)
-        ev = Evaluation(cfg, data.x_train, data.y_train, device,
-                        derive_seed(cfg.seed, "finetune", node.client_key, server_round))
+        x, y, x_val, y_val = validation_split(
+            data.x_train, data.y_train, algo.holdout(cfg),
+            derive_seed(cfg.seed, "validation", node.client_key))
+        ev = Evaluation(cfg, x, y, device,
+                        derive_seed(cfg.seed, "finetune", node.client_key, server_round),
+                        x_val, y_val)
         scored = algo.evaluated(models, ev)
     with step("evaluate.forward"):
-        for name in ("local", "meme"):
+        for name in SCORED:
             if name in scored:
                 loss, acc = evaluate(scored[name], data.x_test, data.y_test, device)
                 metrics.update({f"{name}-loss": loss, f"{name}-accuracy": acc})

@@ -31,6 +31,7 @@ from common.options import (
     DownCompression,
     DpMode,
     Partitioner,
+    PersonalModel,
     Precision,
     PrivateStore,
 )
@@ -72,6 +73,8 @@ class Config:
     private_peers: int
     peer_models: str
     personal_mix: bool
+    personal_model: PersonalModel
+    validation_fraction: float
     proximal_mu: float
     finetune_epochs: int
     ditto_lambda: float
@@ -252,6 +255,11 @@ def _load(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(f"run-config key 'personal-mix' = true mixes the private model and "
                           f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "
                           "expected algorithm 'fml'")
+    if cfg.personal_model is not PersonalModel.PRIVATE and (
+            cfg.algorithm is not Algorithm.FML or cfg.personal_mix):
+        raise ConfigError(f"run-config key 'personal-model' = {cfg.personal_model.value!r} "
+                          "picks among FML's private model and its fine-tuned meme: expected "
+                          "'private', or algorithm 'fml' without personal-mix")
     if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_CLASSES", "ClientData", "DataError", "central_test_set",
            "client_partition_indices", "dataset_spec", "load_client_data", "load_dataset",
-           "load_npz", "resolve_data_path"]
+           "load_npz", "resolve_data_path", "validation_split"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,21 @@ class ClientData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     spec: TaskSpec
+
+
+def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float, seed: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_fit, y_fit, x_val, y_val): ``round(fraction·n)`` training examples (at least one,
+    and one left to fit, where n ≥ 2) drawn with ``seed`` and held out of training, for an
+    algorithm to choose on; ``fraction`` 0 holds out nothing. The same seed holds out the
+    same examples every round."""
+    n = len(y)
+    k = min(max(round(fraction * n), 1), n - 1) if fraction > 0 and n >= 2 else 0
+    if k == 0:
+        return x, y, x[:0], y[:0]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    val, fit = order[:k].sort().values, order[k:].sort().values
+    return x[fit], y[fit], x[val], y[val]
 
 
 # --------------------------------------------------------------------------- npz (own data)

@@ -123,6 +123,15 @@ class ClientSampling(StrEnum):
     CYCLIC = "cyclic"  # passes over a seeded shuffle: every client once per pass
 
 
+class PersonalModel(StrEnum):
+    """FML's personalised prediction (run-config ``personal-model``)."""
+
+    PRIVATE = "private"  # the private model
+    TUNED = "tuned"  # the received meme after one local update of the mutual loss
+    CHOICE = "choice"  # private or tuned, whichever has the lower loss on the validation slice
+    MIX = "mix"  # w·p_private + (1-w)·p_tuned, w in {0, 0.1, …, 1} chosen on that slice
+
+
 class Precision(StrEnum):
     """The arithmetic of local training's forward passes (run-config ``precision``)."""
 

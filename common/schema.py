@@ -28,6 +28,7 @@ from common.options import (
     DownCompression,
     DpMode,
     Partitioner,
+    PersonalModel,
     Precision,
     PrivateStore,
 )
@@ -141,8 +142,9 @@ SCHEMA: tuple[Key, ...] = (
         "a finite number >= 0"),
     Key("proximal-mu", float, 0.01, T, "FedProx's μ (`fedprox` only)", _non_negative,
         "a finite number >= 0"),
-    Key("finetune-epochs", int, 1, T, "`fedavg-ft`: epochs each client fine-tunes the "
-        "global model on its training split before it is evaluated", *_ints(1)),
+    Key("finetune-epochs", int, 1, T, "`fedavg-ft` (and FML's `personal-model`): epochs "
+        "each client fine-tunes the global model on its training split before it is "
+        "evaluated", *_ints(1)),
     Key("ditto-lambda", float, 0.1, T, "`ditto`: λ of the personal model's pull "
         "λ/2·‖v − w_global‖² toward the global model", _non_negative, "a finite number >= 0"),
     Key("codistill-every", int, 1, T, "`codistill`: forward teachers every k-th round "
@@ -209,6 +211,18 @@ SCHEMA: tuple[Key, ...] = (
         "of peers 2…K, a comma list of K-1 models (heterogeneous students; the first peer "
         "is the node's `local-model`); empty: the node's `local-model` for every peer",
         _model_list, f"empty or a comma list of {_MODELS}"),
+    Key("personal-model", PersonalModel, PersonalModel.PRIVATE, M,
+        "`fml`: the client's personalised model (`local_accuracy`): `private`; `tuned`, the "
+        "meme it received after `finetune-epochs` of the mutual loss on its training split "
+        "(the private model teaching, unchanged; FedAvg+FT's fine-tuning, Matsuda et al. "
+        "2022, with FML's teacher); `choice`, the one of the two with the lower loss on a "
+        "validation slice (`validation-fraction` of the training split, never trained on); "
+        "`mix`, w·p_private + (1-w)·p_tuned with w in {0, 0.1, …, 1} chosen on that slice. "
+        "Other than `private`, both are also reported (`private_accuracy`, "
+        "`tuned_accuracy`)"),
+    Key("validation-fraction", float, 0.1, M, "`personal-model` = `choice` or `mix`: the "
+        "share of each client's training split held out of training to choose on",
+        _in(0.01, 0.5), "a number in [0.01, 0.5]"),
     Key("personal-mix", bool, False, M, "`fml` only: each client also learns w for its "
         "personalised prediction w·p_local + (1-w)·p_meme on its training data and is "
         "scored on it (`mix_accuracy`; APFL, Deng et al. 2020)"),

@@ -33,6 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
+from common.algorithms.base import SCORED
 from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
 from common.options import Compression
@@ -56,6 +57,8 @@ from server.validate import (
 
 __all__ = ["Collected", "MemeStrategy", "TooFewClients", "build_strategy"]
 
+#: every evaluation score, by model (:data:`SCORED`)
+SCORES = tuple(f"{name}-{what}" for name in SCORED for what in ("accuracy", "loss"))
 #: with ``max-client-weight = 0`` a reply's weight is capped at this many times the
 #: median train split reported at identification
 WEIGHT_CAP_FACTOR = 10
@@ -330,20 +333,13 @@ class MemeStrategy(FedAvg):
             clients.append({
                 "key": self.clients.key_of(node), "num_test": got.num_examples,
                 "num_train": info.get("num-train"),
-                **{k.replace("-", "_"): got.metrics.get(k) for k in (
-                    "local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
-                    "mix-accuracy", "mix-loss", "mix-weight", "peers-accuracy",
-                    "peers-loss")}})
+                **{k.replace("-", "_"): got.metrics.get(k) for k in (*SCORES, "mix-weight")}})
         self.run_log.set_clients(clients)
-        means = weighted_means([c for c in checked if c.num_examples > 0],
-                               ("local-accuracy", "local-loss", "meme-accuracy", "meme-loss",
-                                "mix-accuracy", "mix-loss", "peers-accuracy", "peers-loss"))
+        means = weighted_means([c for c in checked if c.num_examples > 0], SCORES)
         if not means:
             return None
-        self.run_log.set(local_accuracy=means.get("local-accuracy"),
-                         meme_accuracy=means.get("meme-accuracy"),
-                         mix_accuracy=means.get("mix-accuracy"),
-                         peers_accuracy=means.get("peers-accuracy"))
+        self.run_log.set(**{f"{name}_accuracy": means.get(f"{name}-accuracy")
+                            for name in SCORED})
         return MetricRecord(means)
 
 

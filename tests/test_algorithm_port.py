@@ -162,3 +162,25 @@ def test_codistill_forwards_stale_teachers_and_sends_models_only_before_an_excha
             sent = [k for k in z.files if k.startswith("reply/")]
         assert all(k.startswith("reply/arrays/") for k in sent)
     assert sum(1 for f in replies if any(k.startswith("reply/") for k in np.load(f).files)) == 6
+
+
+def test_fml_personal_model_choice_scores_the_chosen_one_beside_both(simlink, tmp_path):
+    """``personal-model = "choice"`` in a real simulation: every client's personalised
+    score is exactly one of its two candidates' (the private model, the tuned meme),
+    both of which are reported."""
+    log = simlink.run({**PORT_CONFIG, "algorithm": "fml", "personal-model": "choice",
+                       "output-dir": str(tmp_path), "run-name": "choice"})
+    path = tmp_path / "choice" / "clients.json"
+    assert path.exists(), log[-3000:]
+    for row in json.loads((tmp_path / "choice" / "metrics.json").read_text()):
+        assert row["private_accuracy"] is not None and row["tuned_accuracy"] is not None
+    seen = set()
+    for rnd in json.loads(path.read_text()):
+        for c in rnd["clients"]:
+            mine = (c["local_accuracy"], c["local_loss"])
+            candidates = {"private": (c["private_accuracy"], c["private_loss"]),
+                          "tuned": (c["tuned_accuracy"], c["tuned_loss"])}
+            chosen = [k for k, v in candidates.items() if v == mine]
+            assert chosen, (mine, candidates)
+            seen.update(chosen)
+    assert seen  # at least one client's choice was checked

@@ -20,6 +20,13 @@ if TYPE_CHECKING:
     from common.training import Hyper
 
 
+#: what an evaluation reply may score, by result name (``<name>-accuracy``, ``<name>-loss``):
+#: ``local`` the personalised model, ``meme`` the shared one, ``mix`` personal-mix's mixture,
+#: ``peers`` the K private peers' mean, ``private`` and ``tuned`` FML's private model and
+#: fine-tuned meme when ``personal-model`` picks another
+SCORED = ("local", "meme", "mix", "peers", "private", "tuned")
+
+
 @dataclass(frozen=True)
 class Slot:
     """One model a client holds.
@@ -44,6 +51,8 @@ class Evaluation:
     y_train: torch.Tensor
     device: torch.device
     seed: int  # this client's and round's seed for anything random (fine-tuning's order)
+    x_val: torch.Tensor | None = None  # the slice held out of training (:meth:`holdout`)
+    y_val: torch.Tensor | None = None
 
 
 class Algorithm:
@@ -80,6 +89,11 @@ class Algorithm:
     def check(self, cfg: Config) -> str | None:
         """Why this config cannot run this algorithm (a rule across keys), or None."""
         return None
+
+    def holdout(self, cfg: Config) -> float:
+        """The share of a client's training split kept out of training, for the algorithm
+        to choose on at evaluation (``Evaluation.x_val``); none here."""
+        return 0.0
 
     def uploads(self, cfg: Config, server_round: int) -> str | None:
         """The slot whose weights a client's train reply carries in ``server_round``: the

@@ -78,6 +78,34 @@ class Fml(Algorithm):
     def end(self, state: _Batches) -> float | None:
         return state.mix
 
+    def holdout(self, cfg: Config) -> float:
+        """``personal-model`` = ``choice`` or ``mix`` choose on a held-out slice."""
+        from common.options import PersonalModel
+
+        return (cfg.validation_fraction
+                if cfg.personal_model in (PersonalModel.CHOICE, PersonalModel.MIX) else 0.0)
+
+    def evaluated(self, models: Mapping[str, nn.Module], ev: Evaluation,
+                  ) -> dict[str, nn.Module]:
+        """The personalised model ``personal-model`` names, as ``local``; other than the
+        private one, the private model and the tuned meme are scored beside it."""
+        from common.options import PersonalModel
+        from common.personal import Mixture, tune_meme, validation_weight
+
+        pm = ev.cfg.personal_model
+        if pm is PersonalModel.PRIVATE:
+            return dict(models)
+        private, meme = models["local"], models["meme"]
+        tuned = tune_meme(self, private, meme, ev)
+        if pm is PersonalModel.TUNED:
+            weight = 0.0
+        else:  # chosen on the held-out slice: one of the two, or a mixture
+            grid = (0.0, 1.0) if pm is PersonalModel.CHOICE else tuple(i / 10 for i in range(11))
+            weight = validation_weight(private, tuned, ev, grid)
+        personal = (private if weight == 1.0 else tuned if weight == 0.0
+                    else Mixture(private, tuned, weight))
+        return {"local": personal, "meme": meme, "private": private, "tuned": tuned}
+
     def extra_metrics(self, models: Mapping[str, nn.Module], mix: float | None,
                       x: torch.Tensor, y: torch.Tensor, ev: Evaluation) -> dict[str, float]:
         """With personal-mix: the client's mixture ``w·p_local + (1-w)·p_meme``; with K > 1
