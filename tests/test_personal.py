@@ -13,19 +13,9 @@ from common.algorithms.base import Evaluation
 from common.config import ConfigError, load_config
 from common.data import validation_split
 from common.personal import Mixture, tune_meme, validation_weight
+from tests.test_algorithms import CPU, X, Y, _linear  # the tiny linear problem
 
 FML = get("fml")
-CPU = torch.device("cpu")
-X = np.array([[1.0, 0.0, 2.0], [0.5, -1.0, 0.0], [0.0, 1.0, 1.0]], np.float32)
-Y = np.array([0, 1, 1])
-
-
-def _linear(w: np.ndarray, b: np.ndarray) -> nn.Linear:
-    m = nn.Linear(3, 2)
-    with torch.no_grad():
-        m.weight.copy_(torch.from_numpy(w))
-        m.bias.copy_(torch.from_numpy(b))
-    return m
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
