@@ -14,6 +14,11 @@ _OWN_CACHE = None if "FEDMUTUAL_CACHE" in os.environ else tempfile.mkdtemp(
 if _OWN_CACHE:
     os.environ["FEDMUTUAL_CACHE"] = _OWN_CACHE
 
+# Every simulation a test starts gets a Ray instance of its own, even while another test
+# (another pytest-xdist worker) runs one: Ray would otherwise join the latest local
+# cluster it finds. The Ray-cluster test names its cluster explicitly.
+os.environ.setdefault("RAY_ADDRESS", "local")
+
 import pytest  # noqa: E402
 from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict  # noqa: E402
 
