@@ -295,3 +295,51 @@ def test_a_fresh_start_sets_aside_state_left_by_an_attempt_without_checkpoint(tm
     (job.state_dir / "private-1.pt").write_bytes(b"a second killed attempt")
     assert set_aside_unfinished_state(job) == aside  # the older leftover is replaced
     assert sorted(p.name for p in aside.iterdir()) == ["private-1.pt"]
+
+
+def _fake_run(root, preset, name, seed, personal, central=None, algorithm=None):
+    """A finished 2-round run folder whose last round has these accuracies."""
+    run = root / preset / f"{name}-seed{seed}"
+    run.mkdir(parents=True)
+    algo = algorithm or name
+    key = "meme_accuracy" if algo == "fedavg" else "local_accuracy"
+    rows = [{"round": 1, key: 0.1, "central_meme_accuracy": 0.1},
+            {"round": 2, key: personal, "central_meme_accuracy": central}]
+    (run / "metrics.json").write_text(json.dumps(rows))
+    (run / "config.json").write_text(json.dumps({"num-server-rounds": 2, "algorithm": algo}))
+
+
+def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys):
+    from simulations.payoff_map import main
+
+    scarce, control = "payoff-fmnist-100-dir0.5", "leaderboard-fmnist-dir0.1"
+    for seed, (loc, fml, ft, central) in enumerate([(0.80, 0.865, 0.85, 0.74),
+                                                   (0.82, 0.86, 0.87, 0.755)]):
+        _fake_run(tmp_path, scarce, "local", seed, loc)
+        _fake_run(tmp_path, scarce, "fml-mix", seed, fml, central=0.75, algorithm="fml")
+        _fake_run(tmp_path, scarce, "fedavg-ft", seed, ft, central=0.74)
+        _fake_run(tmp_path, scarce, "fedavg", seed, 0.7, central=central)
+    _fake_run(tmp_path, control, "local", 0, 0.95)
+    _fake_run(tmp_path, control, "fml-mix", 0, 0.9481, central=0.8, algorithm="fml")
+    main([str(tmp_path), "--fml", "fml-mix"])
+    out = capsys.readouterr().out
+    md = (tmp_path / "map" / "map.md").read_text()
+    rows = {tuple(c.strip() for c in ln.split("|")[1:3]): ln for ln in md.splitlines()
+            if ln.startswith("| payoff") or ln.startswith("| leaderboard")}
+    # fml-mix's gains over local are 6.5 and 4 points: 5.25 ± 1.77; fedavg-ft's 5 and 5
+    assert rows[(scarce, "fml-mix")].split("|")[5].strip() == "+5.25 ± 1.77"
+    assert rows[(scarce, "fedavg-ft")].split("|")[5].strip() == "+5.00 ± 0.00"
+    assert rows[(control, "fml-mix")].split("|")[5].strip() == "-0.19"
+    # means: fml-mix 86.25 >= local 81 + 5 and >= fedavg-ft 86
+    assert f"{scarce}: fml-mix >= local + 5 points: met" in out
+    assert f"{scarce}: fml-mix >= fedavg-ft: met" in out
+    # central: fml's meme 0.75 against fedavg's mean of 0.74 and 0.755
+    assert f"{scarce}: fml-mix's meme >= fedavg's global model (central): met" in out
+    assert f"{control}: fml-mix >= local - 0.2 points: met" in out  # -0.19 points
+    assert f"{control}: fml-mix's meme >= fedavg's global model (central): not measured" in out
+    assert (tmp_path / "map" / "map.png").exists()
+    _fake_run(tmp_path, control, "fml", 0, 0.94, central=0.8)  # a point behind local
+    main([str(tmp_path), "--fml", "fml"])
+    out = capsys.readouterr().out
+    assert f"{control}: fml >= local - 0.2 points: NOT met" in out
+    assert f"{scarce}: fml" not in out  # no fml run there: nothing judged

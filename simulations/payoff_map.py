@@ -1,0 +1,176 @@
+"""The payoff map (issue #24): where each algorithm's personalised model beats training
+alone, by regime, and whether FML meets its targets.
+
+    python -m simulations.payoff_map ROOT [ROOT ...] [--out DIR] [--fml fml]
+
+Reads the grid's finished runs under each ROOT (``<preset>/<algorithm>-seed<N>/``; a later
+ROOT adds presets or algorithms, the first holding a cell wins) and writes ``map.md`` and
+``map.png``: per preset and algorithm, the final round's personalised accuracy on the
+clients' own test data and its gain over ``local`` paired by seed (mean ± std over the
+seeds both have), and the meme's central accuracy. It prints each target with its
+verdict, for the FML configuration named by ``--fml`` (an algorithm or a variant):
+
+- data-scarce presets (``payoff-*``): FML ≥ local + 5 points and ≥ FedAvg+FT;
+- the controls (every other preset): FML ≥ local − 0.2 points;
+- every preset: FML's meme ≥ FedAvg's global model on the central test set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from simulations.runs import ORDER, Runs, load_runs, personal_key, pyplot, save_figure, series
+
+SCARCE = "payoff-"  # presets of the data-scarce regimes start so; the rest are controls
+
+
+def final(run: dict[str, Any], key: str) -> float | None:
+    """A run's last recorded value of ``key`` (None if it never recorded one)."""
+    values = series(run["records"], key)
+    return values[-1] if values else None
+
+
+def by_seed(runs: list[dict[str, Any]], algo: str, key: str | None = None,
+            ) -> dict[int, float]:
+    """Seed -> the final personalised accuracy (or ``key``) of each run that has one."""
+    out = {}
+    for r in runs:
+        v = final(r, key or personal_key(algo, r))
+        if v is not None:
+            out[r["seed"]] = v
+    return out
+
+
+def _pm(values: Sequence[float], scale: float = 100.0, sign: bool = False) -> str:
+    if not values:
+        return "–"
+    fmt = "+.2f" if sign else ".2f"
+    if len(values) == 1:
+        return f"{scale * values[0]:{fmt}}"
+    return f"{scale * statistics.mean(values):{fmt}} ± {scale * statistics.stdev(values):.2f}"
+
+
+def merged(roots: Sequence[Path]) -> Runs:
+    """The runs of every root; the first root that holds a (preset, algorithm) wins."""
+    out: Runs = {}
+    for root in roots:
+        for preset, algos in load_runs(root).items():
+            for algo, runs in algos.items():
+                out.setdefault(preset, {}).setdefault(algo, runs)
+    return out
+
+
+def _order(algo: str, run: dict[str, Any]) -> tuple[int, str]:
+    base = str(run.get("config", {}).get("algorithm", algo))
+    return (ORDER.index(base) if base in ORDER else len(ORDER), algo)
+
+
+def cells(runs: Runs) -> list[dict[str, Any]]:
+    """One row per preset and algorithm: personalised accuracy and gain over local per
+    seed, the meme's central accuracy per seed."""
+    rows = []
+    for preset in sorted(runs):
+        local = by_seed(runs[preset].get("local", []), "local")
+        for algo in sorted(runs[preset], key=lambda a: _order(a, runs[preset][a][0])):
+            rs = runs[preset][algo]
+            acc = by_seed(rs, algo)
+            rows.append({"preset": preset, "algorithm": algo, "accuracy": acc,
+                         "gain": {s: acc[s] - local[s] for s in acc if s in local},
+                         "central": by_seed(rs, algo, "central_meme_accuracy")})
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The map as Markdown (accuracies and gains in points)."""
+    lines = ["| preset | algorithm | seeds | personalised acc. (%) | gain over local "
+             "(points, paired by seed) | central meme acc. (%) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['preset']} | {r['algorithm']} | {len(r['accuracy'])} | "
+                     f"{_pm(list(r['accuracy'].values()))} | "
+                     f"{_pm(list(r['gain'].values()), sign=True)} | "
+                     f"{_pm(list(r['central'].values()))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _at_least(me: dict[int, float], them: dict[int, float] | None, margin: float,
+              ) -> bool | None:
+    """Whether ``me`` ≥ ``them`` + margin, as means over the seeds both have (None: none)."""
+    seeds = set(me) & set(them or {})
+    if not seeds:
+        return None
+    return (statistics.mean(me[s] for s in seeds)
+            >= statistics.mean(them[s] for s in seeds) + margin)
+
+
+def targets(rows: list[dict[str, Any]], fml: str) -> list[tuple[str, str, bool | None]]:
+    """(preset, target, met?) for the FML configuration ``fml``: None where a run the
+    target needs is missing. Compared as means over the seeds both sides have."""
+    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    out = []
+    for preset in sorted({r["preset"] for r in rows}):
+        me = find.get((preset, fml))
+        if me is None:
+            continue
+        local, tuned, fedavg = (find.get((preset, a)) for a in ("local", "fedavg-ft", "fedavg"))
+        if preset.startswith(SCARCE):
+            out.append((preset, f"{fml} >= local + 5 points",
+                        _at_least(me["accuracy"], local and local["accuracy"], 0.05)))
+            out.append((preset, f"{fml} >= fedavg-ft",
+                        _at_least(me["accuracy"], tuned and tuned["accuracy"], 0.0)))
+        else:
+            out.append((preset, f"{fml} >= local - 0.2 points",
+                        _at_least(me["accuracy"], local and local["accuracy"], -0.002)))
+        out.append((preset, f"{fml}'s meme >= fedavg's global model (central)",
+                    _at_least(me["central"], fedavg and fedavg["central"], 0.0)))
+    return out
+
+
+def figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Gain over local (points, mean ± std over seeds) per preset, one bar per algorithm."""
+    plt = pyplot()
+    presets = sorted({r["preset"] for r in rows})
+    algos = list(dict.fromkeys(r["algorithm"] for r in rows if r["algorithm"] != "local"))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(presets) * max(1, len(algos)) / 3), 4))
+    width = 0.8 / max(1, len(algos))
+    for i, algo in enumerate(algos):
+        xs, ms, ss = [], [], []
+        for j, preset in enumerate(presets):
+            gains = [100 * g for r in rows if r["preset"] == preset and r["algorithm"] == algo
+                     for g in r["gain"].values()]
+            if gains:
+                xs.append(j + (i - (len(algos) - 1) / 2) * width)
+                ms.append(statistics.mean(gains))
+                ss.append(statistics.stdev(gains) if len(gains) > 1 else 0.0)
+        ax.bar(xs, ms, width, yerr=ss, capsize=2, label=algo)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(range(len(presets)), presets, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel("personalised − local-only (points)")
+    ax.set_title("The payoff map: gain over training alone")
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("roots", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="default: <first root>/map")
+    p.add_argument("--fml", default="fml", help="the FML configuration the targets judge")
+    a = p.parse_args(argv)
+    rows = cells(merged(a.roots))
+    out = a.out or a.roots[0] / "map"
+    out.mkdir(parents=True, exist_ok=True)
+    md = table(rows)
+    (out / "map.md").write_text(md)
+    figure(rows, out / "map.png")
+    print(md)
+    for preset, what, ok in targets(rows, a.fml):
+        verdict = "met" if ok else "NOT met" if ok is not None else "not measured yet"
+        print(f"{preset}: {what}: {verdict}")
+
+
+if __name__ == "__main__":
+    main()
