@@ -16,8 +16,8 @@ training-set size gets the same number of SGD steps, so a small set is seen for 
 
 Each finished (size, seed) is written to ``results.json`` at once, so an interrupted run
 resumes where it stopped; ``report.md`` and ``dml.png`` (gain against size) are rewritten
-at the end from everything there. Each ``--models`` is a study of its own folder under
-``--out`` (``cnn-cnn``, ``cnn-mlp``...).
+at the end from everything there. Each ``--models`` (and ``--alpha``) is a study of its own
+folder under ``--out`` (``cnn-cnn``, ``cnn-mlp``, ``cnn-cnn-alpha0.0``...).
 """
 
 from __future__ import annotations
@@ -78,10 +78,11 @@ def epochs_for(size: int, batch_size: int, steps: int) -> int:
 
 
 def train_cell(archs: Sequence[str], size: int, seed: int, steps: int,
-               device: torch.device) -> dict[str, Any]:
+               device: torch.device, alpha: float | None = None) -> dict[str, Any]:
     """One (size, seed): the K models trained mutually and independently, from the same
-    initial weights on the same batches; each model's test accuracy and the ensemble's."""
-    cfg = load_config({})
+    initial weights on the same batches; each model's test accuracy and the ensemble's.
+    ``alpha``: the run config's ``alpha`` unless given (1: no distillation at all)."""
+    cfg = load_config({} if alpha is None else {"alpha": alpha})
     ds = load_dataset("fashion-mnist")
     idx = subset(len(ds.y_train), size, seed)
     x, y = torch.from_numpy(ds.x_train[idx]), torch.from_numpy(ds.y_train[idx])
@@ -172,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sizes", default="1000,5000,20000,60000")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=2000, help="SGD steps at every size")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="CE weight α, the KL's is 1-α (default: the run config's, 0.5)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -183,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error(f"--steps: expected a positive integer, got {args.steps}")
     sizes = [int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    out = args.out / "-".join(archs)  # one folder a study
+    out = args.out / ("-".join(archs) + ("" if args.alpha is None else f"-alpha{args.alpha}"))
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
     cells = json.loads(results.read_text()) if results.exists() else []
@@ -192,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for seed in seeds:
             if (min(size, 60000), seed) in done:
                 continue
-            cell = train_cell(archs, size, seed, args.steps, torch.device(args.device))
+            cell = train_cell(archs, size, seed, args.steps, torch.device(args.device),
+                              args.alpha)
             cells.append(cell)
             _write(results, json.dumps(cells, indent=1))
             print(f"size {cell['size']:>6} seed {seed}: alone "
@@ -202,7 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     table = report(cells)
     _write(out / "report.md", (
         f"Deep mutual learning without a federation: `python -m simulations.dml --models "
-        f"{','.join(archs)} --steps {args.steps}` (Fashion-MNIST test set, 10,000 images; "
+        f"{','.join(archs)} --steps {args.steps}"
+        f"{'' if args.alpha is None else f' --alpha {args.alpha}'}` (Fashion-MNIST test set, "
+        "10,000 images; "
         "mean ± std over seeds).\n\n" + table + "\n"))
     figure(cells, out / "dml.png")
     print(table)

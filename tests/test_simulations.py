@@ -343,3 +343,28 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     out = capsys.readouterr().out
     assert f"{control}: fml >= local - 0.2 points: NOT met" in out
     assert f"{scarce}: fml" not in out  # no fml run there: nothing judged
+
+
+def test_dml_pairs_its_runs_and_resumes(tmp_path, capsys):
+    """Mutual and independent training start from the same weights and see the same
+    batches: with α = 1 (no KL) they end identical, model by model; with the default α
+    they differ. A second call finds its cells done and only rewrites the report."""
+    from simulations.dml import main
+
+    main(["--models", "mlp,mlp", "--sizes", "120", "--seeds", "0", "--steps", "12",
+          "--alpha", "1.0", "--out", str(tmp_path)])
+    cell = json.loads((tmp_path / "mlp-mlp-alpha1.0" / "results.json").read_text())[0]
+    assert cell["size"] == 120 and cell["epochs"] == 3  # 12 steps of batch 32 on 120
+    assert cell["mutual"]["accuracy"] == cell["independent"]["accuracy"]
+    main(["--models", "mlp,mlp", "--sizes", "120", "--seeds", "0", "--steps", "12",
+          "--out", str(tmp_path)])
+    cell = json.loads((tmp_path / "mlp-mlp" / "results.json").read_text())[0]
+    assert cell["mutual"]["accuracy"] != cell["independent"]["accuracy"]
+    capsys.readouterr()
+    main(["--models", "mlp,mlp", "--sizes", "120", "--seeds", "0", "--steps", "12",
+          "--out", str(tmp_path)])
+    assert "size" not in capsys.readouterr().out.split("|")[0]  # nothing trained again
+    assert "| 120 | 3 | 1 |" in (tmp_path / "mlp-mlp" / "report.md").read_text()
+    assert (tmp_path / "mlp-mlp" / "dml.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--models", "cnn", "--out", str(tmp_path)])  # one model is no study
