@@ -115,10 +115,10 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
                  "output-dir": str(tmp_path / "digits-quick"), "run-name": job.run_dir.name,
                  "state-dir": str(job.state_dir)}, supernodes=clients)
     assert job.rounds_done() == 2
-    run_grid(["digits-quick"], ["fml", "fedavg", "local"], [0], tmp_path)
+    run_grid(["digits-quick"], ["fml", "local"], [0], tmp_path)
     out = capsys.readouterr().out
     assert "resuming" in out and "round" in out and "ETA" in out
-    for algo in ("fml", "fedavg", "local"):
+    for algo in ("fml", "local"):
         assert Job("digits-quick", algo, 0, tmp_path).rounds_done() == 3
     resumed = json.loads((job.run_dir / "metrics.json").read_text())
     assert [r["round"] for r in resumed] == [1, 2, 3]
@@ -137,10 +137,10 @@ def test_grid_resumes_and_report_writes_table_and_plots(tmp_path, simlink, capsy
     rows = [ln for ln in main_table.splitlines() if ln.startswith("| digits-quick")]
     client_rows = {ln.split("|")[2].strip(): ln for ln in per_client.splitlines()
                    if ln.startswith("| digits-quick")}
-    assert set(client_rows) == {"fml", "fedavg", "local"}
+    assert set(client_rows) == {"fml", "local"}
     assert client_rows["fml"].split("|")[8].strip() not in ("", "–")  # gain over local
     assert "client-gains.png" in {p.name for p in files}
-    assert [r.split("|")[2].strip() for r in rows] == ["fml", "fedavg", "local"]
+    assert [r.split("|")[2].strip() for r in rows] == ["fml", "local"]
     fml_cells = [c.strip() for c in rows[0].split("|")]
     assert float(fml_cells[4]) > 0  # personalised accuracy final, in %
     for png in (p for p in files if p.suffix == ".png"):
