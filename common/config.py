@@ -256,10 +256,11 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           f"the meme, but algorithm {cfg.algorithm.value!r} trains only one: "
                           "expected algorithm 'fml'")
     if cfg.personal_model is not PersonalModel.PRIVATE and (
-            cfg.algorithm is not Algorithm.FML or cfg.personal_mix):
+            cfg.algorithm is not Algorithm.FML or cfg.personal_mix or cfg.private_peers > 1):
         raise ConfigError(f"run-config key 'personal-model' = {cfg.personal_model.value!r} "
                           "picks among FML's private model and its fine-tuned meme: expected "
-                          "'private', or algorithm 'fml' without personal-mix")
+                          "'private', or algorithm 'fml' with one private model (private-peers "
+                          "= 1) and without personal-mix")
     if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "

@@ -121,8 +121,12 @@ def train_epochs(
 
 
 def _frozen(model: nn.Module):
-    """A teacher's forward pass: no graph, no gradient."""
-    return torch.no_grad()(model.forward)
+    """A teacher's forward pass (the module called, hooks included): no graph, no
+    gradient."""
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(x)
+    return predict
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):

@@ -95,6 +95,7 @@ class MemeStrategy(FedAvg):
         self.sent_arrays = ArrayRecord()  # ... and as it went down (compression-down)
         # co-distillation: each client's latest model, forwarded to others as a teacher
         self.bank = TeacherBank() if cfg.algorithm.spec.keeps_teachers else None
+        self.served: dict[int, int] = {}  # client key -> the exchange whose teachers it got
 
     def ordered(self, grid: Grid) -> OrderedGrid:
         """The identified connected nodes in key order (see :class:`ClientRegistry`)."""
@@ -134,14 +135,27 @@ class MemeStrategy(FedAvg):
 
     def _teachers(self, server_round: int, nodes: list[int],
                   ) -> dict[int, dict[str, ArrayRecord]]:
-        """Co-distillation's exchange: each node's teachers (others' latest models)."""
-        k = self.cfg.algorithm.spec.teachers(self.cfg, server_round)
-        if self.bank is None or k == 0:
+        """Co-distillation: each sampled node that has not yet received the latest
+        exchange's teachers from this server gets them (others' latest models, drawn with
+        that exchange's seed): at the exchange itself, and later for a client that was not
+        sampled then or whose run was resumed since (its kept teachers went with the old
+        process). Between exchanges the bank does not change (models go up only in the
+        round before one), so a late client gets what it would have got."""
+        spec = self.cfg.algorithm.spec
+        exchange = next((r for r in range(server_round, 0, -1)
+                         if spec.teachers(self.cfg, r)), None) if self.bank is not None else None
+        if exchange is None:
             return {}
-        keys = {n: self.clients.key_of(n) for n in nodes}
-        return {n: self.bank.pick(keys[n], k, derive_seed(self.cfg.seed, "teachers",
-                                                          server_round, keys[n]))
-                for n in nodes}
+        out = {}
+        for n in nodes:
+            key = self.clients.key_of(n)
+            if self.served.get(key) == exchange:
+                continue
+            picked = self.bank.pick(key, spec.teachers(self.cfg, exchange),
+                                    derive_seed(self.cfg.seed, "teachers", exchange, key))
+            if picked:
+                out[n], self.served[key] = picked, exchange
+        return out
 
     def sent_reference(self) -> State:
         """The open round's meme as the clients received it, in the template's dtypes: what

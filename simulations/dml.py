@@ -91,7 +91,7 @@ def train_cell(archs: Sequence[str], size: int, seed: int, steps: int,
     hp = Hyper(alpha=cfg.alpha, beta=cfg.alpha, temperature=cfg.temperature,
                batch_size=cfg.batch_size, epochs=epochs, distill=cfg.distill)
     cell: dict[str, Any] = {"size": len(y), "seed": seed, "models": list(archs),
-                            "epochs": epochs}
+                            "epochs": epochs, "steps": steps}
     for mode, algorithm in (("independent", INDEPENDENT), ("mutual", MUTUAL)):
         models: dict[str, nn.Module] = {}
         for i, arch in enumerate(archs):
@@ -174,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=2000, help="SGD steps at every size")
     p.add_argument("--alpha", type=float, default=None,
-                   help="CE weight α, the KL's is 1-α (default: the run config's, 0.5)")
+                   help="the KL toward the others is weighted 1-α (CE keeps full weight "
+                   "under the default additive weighting); default: the run config's 0.5; "
+                   "the DML paper's weight is α = 0")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
@@ -189,7 +191,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = args.out / ("-".join(archs) + ("" if args.alpha is None else f"-alpha{args.alpha}"))
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.json"
-    cells = json.loads(results.read_text()) if results.exists() else []
+    kept = json.loads(results.read_text()) if results.exists() else []
+    cells = [c for c in kept if c.get("steps", 2000) == args.steps]  # this --steps' cells
+    others = [c for c in kept if c.get("steps", 2000) != args.steps]
     done = {(c["size"], c["seed"]) for c in cells}
     for size in sizes:
         for seed in seeds:
@@ -198,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             cell = train_cell(archs, size, seed, args.steps, torch.device(args.device),
                               args.alpha)
             cells.append(cell)
-            _write(results, json.dumps(cells, indent=1))
+            _write(results, json.dumps(others + cells, indent=1))
             print(f"size {cell['size']:>6} seed {seed}: alone "
                   f"{[round(100 * a, 2) for a in cell['independent']['accuracy']]}, mutual "
                   f"{[round(100 * a, 2) for a in cell['mutual']['accuracy']]} "

@@ -165,3 +165,70 @@ def test_codistill_refuses_what_hides_or_encodes_the_clients_models(key, value):
 def test_codistill_keys_are_bounded(key, value):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config({"algorithm": "codistill", key: value})
+
+
+def _codistill_strategy(run_dir, **overrides):
+    """The real strategy for co-distillation (burn-in 1, an exchange every 3rd round:
+    rounds 2 and 5; uploads in 1 and 4), nodes 101-103 identified as clients 1-3."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.results import RunLog
+    from server.strategy import build_strategy
+    from server.validate import template_of
+    from tests.test_hostile import TEMPLATE
+
+    cfg = load_config({"algorithm": "codistill", "codistill-burnin": 1, "codistill-every": 3,
+                       "codistill-teachers": 2, "num-server-rounds": 6,
+                       "output-dir": str(run_dir), "run-name": "r", **overrides})
+    log = RunLog.create(cfg)
+    strat = build_strategy(cfg, log, template=template_of(
+        ArrayRecord({k: Array(v) for k, v in TEMPLATE.items()})))
+    strat.clients.keys.update({101: 1, 102: 2, 103: 3})
+    return strat, log
+
+
+def _teacher_values(records) -> list[float]:
+    return [float(r["b"].numpy()[0]) for r in records.values()]
+
+
+def test_an_exchange_reaches_every_client_once_even_one_that_missed_it(tmp_path):
+    from tests.test_hostile import _good
+
+    strat, _ = _codistill_strategy(tmp_path)
+    for key in (1, 2, 3):
+        strat.bank.keep(key, _good(float(key)))
+    assert strat._teachers(1, [101, 102, 103]) == {}  # burn-in: no exchange yet
+    got = strat._teachers(2, [101, 102])  # the exchange; client 3 not sampled
+    assert {n: _teacher_values(r) for n, r in got.items()} == {101: [2.0, 3.0],
+                                                               102: [1.0, 3.0]}
+    late = strat._teachers(3, [101, 102, 103])  # only client 3 still lacks round 2's
+    assert {n: _teacher_values(r) for n, r in late.items()} == {103: [1.0, 2.0]}
+    assert strat._teachers(4, [101, 102, 103]) == {}
+    resumed, _ = _codistill_strategy(tmp_path / "resumed")  # a new server process
+    resumed.bank.models = strat.bank.models
+    again = resumed._teachers(4, [101, 102, 103])  # the kept teachers went with the clients
+    assert {n: _teacher_values(r) for n, r in again.items()} == {
+        101: [2.0, 3.0], 102: [1.0, 3.0], 103: [1.0, 2.0]}
+    strat.bank.keep(2, _good(20.0))  # uploaded in round 4
+    assert {n: _teacher_values(r) for n, r in strat._teachers(5, [101]).items()} == {
+        101: [20.0, 3.0]}
+
+
+def test_models_are_admitted_and_kept_only_in_an_upload_round(tmp_path):
+    from flwr.app import Array
+
+    from tests.test_hostile import _good, _reply
+
+    strat, log = _codistill_strategy(tmp_path)
+    log.begin_round(1)  # an upload round: the models go into the bank
+    model = {k: Array(v) for k, v in _good(7.0).items()}
+    strat.aggregate_train(1, [_reply(101, model, {"num-examples": 5}),
+                              _reply(102, {}, {"num-examples": 5})])
+    assert list(strat.bank.models) == [1]
+    assert float(strat.bank.models[1]["w"][0, 0]) == 7.0
+    assert [r["node"] for r in log._current["rejections"]] == [102]  # no model: refused
+    log.begin_round(2)  # no upload: a model is refused, metrics alone are accepted
+    strat.aggregate_train(2, [_reply(101, model, {"num-examples": 5}),
+                              _reply(103, {}, {"num-examples": 5})])
+    assert [r["node"] for r in log._current["rejections"]] == [101]
+    assert log._current["num_clients"] == 1 and list(strat.bank.models) == [1]

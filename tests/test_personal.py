@@ -123,7 +123,8 @@ def test_fml_scores_the_personal_model_beside_both(mode, expected):
 
 def test_personal_model_belongs_to_fml_alone():
     for bad in ({"algorithm": "fedavg", "personal-model": "mix"},
-                {"personal-model": "tuned", "personal-mix": True}):
+                {"personal-model": "tuned", "personal-mix": True},
+                {"personal-model": "choice", "private-peers": 2}):
         with pytest.raises(ConfigError, match="'personal-model'"):
             load_config(bad)
     with pytest.raises(ConfigError, match="'validation-fraction'"):

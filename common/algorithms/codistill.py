@@ -5,9 +5,12 @@ clients, and until the next exchange each client learns CE + (1-α)·KL(p̄ ‖ 
 mean prediction of those stale teachers on its own batches. Nothing is averaged: the
 forwarded models are the other clients' own (their mean prediction is the paper's
 teacher; averaging the weights of models trained apart on non-IID shards would give a
-poor model, and FedAvg is already here). Each client's model goes up only in the round
-before an exchange, which is what cuts the traffic; but it does leave the device, and
-other clients receive it: nothing is private here but the data."""
+poor model, and FedAvg is already here). A client that was not sampled at an exchange, or
+whose run was resumed since, gets that exchange's teachers when next sampled. Each
+client's model goes up only in the round before an exchange, which is what cuts the
+traffic; but it does leave the device, and other clients receive it: nothing is private
+here but the data. Each node keeps its teachers beside its private model (in memory by
+default: ``codistill-teachers`` models a node)."""
 
 from __future__ import annotations
 
