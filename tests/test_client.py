@@ -224,3 +224,18 @@ def test_fault_mod_poisons_breaks_or_raises_only_where_the_config_says():
     np.testing.assert_array_equal(sent("nan:1@3")["w"], np.full(3, 1.5))  # another round
     with pytest.raises(RuntimeError, match="client 1 raises in round 2"):
         sent("raise:1@2")
+
+
+def test_a_held_out_validation_slice_never_trains():
+    """personal-model = "choice": the train reply counts the training split less the
+    slice held out (round(10 %)); with the private model it counts all of it."""
+    from common.config import load_config
+    from common.data import load_client_data
+
+    n = len(load_client_data(load_config(RUN), 0, 3).y_train)
+    counts = {}
+    for mode in ("private", "choice"):
+        ctx = make_context({**RUN, "personal-model": mode})
+        reply = client_app.train(_train_message(_meme_state()), ctx)
+        counts[mode] = reply.content["metrics"]["num-examples"]
+    assert counts == {"private": n, "choice": n - round(0.1 * n)}
