@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.runs import ORDER, Runs, load_runs, personal_key, pyplot, save_figure, series
+from simulations.runs import Runs, load_runs, order_key, personal_key, pyplot, save_figure, series
 
 SCARCE = "payoff-"  # presets of the data-scarce regimes start so; the rest are controls
 
@@ -64,18 +64,13 @@ def merged(roots: Sequence[Path]) -> Runs:
     return out
 
 
-def _order(algo: str, run: dict[str, Any]) -> tuple[int, str]:
-    base = str(run.get("config", {}).get("algorithm", algo))
-    return (ORDER.index(base) if base in ORDER else len(ORDER), algo)
-
-
 def cells(runs: Runs) -> list[dict[str, Any]]:
     """One row per preset and algorithm: personalised accuracy and gain over local per
     seed, the meme's central accuracy per seed."""
     rows = []
     for preset in sorted(runs):
         local = by_seed(runs[preset].get("local", []), "local")
-        for algo in sorted(runs[preset], key=lambda a: _order(a, runs[preset][a][0])):
+        for algo in sorted(runs[preset], key=lambda a: order_key(a, runs[preset][a][0])):
             rs = runs[preset][algo]
             acc = by_seed(rs, algo)
             rows.append({"preset": preset, "algorithm": algo, "accuracy": acc,

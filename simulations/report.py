@@ -26,10 +26,10 @@ import numpy as np
 from simulations.clients_report import client_table, plot_gains
 from simulations.privacy_report import plot_privacy, privacy_table
 from simulations.runs import (
-    ORDER,
     Runs,
     load_runs,
     mean_std,
+    order_key,
     personal_key,
     pyplot,
     save_figure,
@@ -41,18 +41,21 @@ def table(runs: Runs) -> str:
     """The Markdown results table (accuracies in %, mean ± std over seeds)."""
     lines = ["| preset | algorithm | seeds | personalised acc. final | personalised acc. best "
              "| local acc. final | meme acc. (clients) final | central meme acc. final "
-             "| central meme acc. best | wall time (s) | MB sent |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| central meme acc. best | wall time (s) | MB sent | peers' mean acc. final "
+             "| s/round | MB/round |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for preset in sorted(runs):
-        algos = sorted(runs[preset], key=lambda a: ORDER.index(a) if a in ORDER else 99)
+        algos = sorted(runs[preset], key=lambda a: order_key(a, runs[preset][a][0]))
         for algo in algos:
             rs = runs[preset][algo]
+            rounds = max(1, statistics.mean(len(r["records"]) for r in rs))
             cols: dict[str, list[float]] = defaultdict(list)
             for r in rs:
                 rec = r["records"]
                 for key, name in ((personal_key(algo, r), "pers"),
                                   ("local_accuracy", "local"), ("meme_accuracy", "meme"),
-                                  ("central_meme_accuracy", "central")):
+                                  ("central_meme_accuracy", "central"),
+                                  ("peers_accuracy", "peers")):
                     s = series(rec, key)
                     if s:
                         cols[f"{name}_final"].append(s[-1])
@@ -64,7 +67,9 @@ def table(runs: Runs) -> str:
                 f"{mean_std(cols['pers_best'])} | {mean_std(cols['local_final'])} | "
                 f"{mean_std(cols['meme_final'])} | {mean_std(cols['central_final'])} | "
                 f"{mean_std(cols['central_best'])} | {statistics.mean(cols['seconds']):.0f} | "
-                f"{statistics.mean(cols['mb']):.0f} |")
+                f"{statistics.mean(cols['mb']):.0f} | {mean_std(cols['peers_final'])} | "
+                f"{statistics.mean(cols['seconds']) / rounds:.1f} | "
+                f"{statistics.mean(cols['mb']) / rounds:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -85,7 +90,7 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = ((axes[0], None, "Personalised accuracy (each client's own test split)"),
               (axes[1], "central_meme_accuracy", "Global model on the central test set"))
-    ordered = sorted(algos, key=lambda a: ORDER.index(a) if a in ORDER else 99)
+    ordered = sorted(algos, key=lambda a: order_key(a, algos[a][0]))
     for ax, key, title in panels:
         for algo in ordered:  # one colour per algorithm in both panels
             k = key or personal_key(algo, algos[algo][0])

@@ -32,6 +32,13 @@ def personal_key(algo: str, run: dict[str, Any]) -> str:
     return PERSONAL_KEY.get(algo, "local_accuracy")
 
 
+def order_key(algo: str, run: dict[str, Any]) -> tuple[int, str]:
+    """Where a run's algorithm (or variant, by the algorithm its config names) sorts in
+    tables and plots: in :data:`ORDER`, a variant after its algorithm."""
+    base = str(run.get("config", {}).get("algorithm", algo))
+    return (ORDER.index(base) if base in ORDER else len(ORDER), algo)
+
+
 def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """``{preset: {algorithm: [run, ...]}}``; each run has ``seed``, ``records``, ``config``."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
