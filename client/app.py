@@ -46,6 +46,14 @@ def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientD
     return data
 
 
+def _split(cfg: Config, node: private.NodeInfo, data: ClientData,
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_fit, y_fit, x_val, y_val): the training split less the slice the algorithm holds
+    out (the same slice every round, for training and evaluation alike)."""
+    return validation_split(data.x_train, data.y_train, cfg.algorithm.spec.holdout(cfg),
+                            derive_seed(cfg.seed, "validation", node.client_key))
+
+
 def _received(cfg: Config, spec: TaskSpec, content: RecordDict,
               device: torch.device) -> dict[str, nn.Module]:
     """The shared models as received from the server, strictly loaded (by slot name)."""
@@ -130,8 +138,7 @@ def train(msg: Message, context: Context) -> Message:
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     hp = algo.hyper(cfg, config, priv.node_round if priv else 0, priv.mix if priv else 0.5)
-    x, y, _, _ = validation_split(data.x_train, data.y_train, algo.holdout(cfg),
-                                  derive_seed(cfg.seed, "validation", node.client_key))
+    x, y, _, _ = _split(cfg, node, data)
     with step("train.sgd", device=str(device)):
         stats = train_epochs(models, optimizers, algo, x, y, hp, gen, device)
     with step("train.models-out"):
@@ -165,9 +172,7 @@ def evaluate_both(msg: Message, context: Context) -> Message:
     with step("evaluate.models-in"):
         models, priv = _models(cfg, context, node, spec, msg.content, device,
                                str(config.get("lineage", "")), server_round)
-        x, y, x_val, y_val = validation_split(
-            data.x_train, data.y_train, algo.holdout(cfg),
-            derive_seed(cfg.seed, "validation", node.client_key))
+        x, y, x_val, y_val = _split(cfg, node, data)
         ev = Evaluation(cfg, x, y, device,
                         derive_seed(cfg.seed, "finetune", node.client_key, server_round),
                         x_val, y_val)
