@@ -19,7 +19,7 @@ from client import private
 from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
 from client.teachers import teachers
-from common.algorithms.base import SCORED, Evaluation
+from common.algorithms.base import PEER_SCORED, SCORED, Evaluation
 from common.config import Config, load_config
 from common.data import ClientData, load_client_data, validation_split
 from common.models import TaskSpec, build_model
@@ -178,7 +178,7 @@ def evaluate_both(msg: Message, context: Context) -> Message:
                         x_val, y_val)
         scored = algo.evaluated(models, ev)
     with step("evaluate.forward"):
-        for name in SCORED:
+        for name in (*SCORED, *PEER_SCORED):
             if name in scored:
                 loss, acc = evaluate(scored[name], data.x_test, data.y_test, device)
                 metrics.update({f"{name}-loss": loss, f"{name}-accuracy": acc})

@@ -206,7 +206,8 @@ SCHEMA: tuple[Key, ...] = (
     Key("private-peers", int, 1, M, "`fml`: K private models per client (deep mutual "
         "learning's students, the node's architecture), each learning CE + the mean KL toward "
         "all the others, the meme included; `local_accuracy` is the first, `peers_accuracy` "
-        "their mean prediction. 1: the private model and the meme", *_ints(1, 8)),
+        "their mean prediction, `peer_accuracies` each of the others alone. 1: the private "
+        "model and the meme", *_ints(1, 8)),
     Key("peer-models", str, "", M, "`fml` with `private-peers` = K > 1: the architectures "
         "of peers 2…K, a comma list of K-1 models (heterogeneous students; the first peer "
         "is the node's `local-model`); empty: the node's `local-model` for every peer",

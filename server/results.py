@@ -21,13 +21,13 @@ METRIC_KEYS = (
     "train_loss_meme", "num_clients", "rejected_updates", "failed_clients", "skipped",
     "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
     "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm", "mix_accuracy",
-    "rejections", "peers_accuracy", "private_accuracy", "tuned_accuracy",
+    "rejections", "peers_accuracy", "private_accuracy", "tuned_accuracy", "peer_accuracies",
 )
 #: per client and evaluated round, in ``clients.json``
 CLIENT_KEYS = ("key", "num_train", "num_test", "local_accuracy", "local_loss",
                "meme_accuracy", "meme_loss", "mix_accuracy", "mix_loss", "mix_weight",
                "peers_accuracy", "peers_loss", "private_accuracy", "private_loss",
-               "tuned_accuracy", "tuned_loss")
+               "tuned_accuracy", "tuned_loss", "peer_accuracies")
 
 
 def project_dir() -> Path:

@@ -15,7 +15,7 @@ return what the round publishes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from logging import WARNING
@@ -33,7 +33,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from common.algorithms.base import SCORED
+from common.algorithms.base import PEER_SCORED, SCORED
 from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
 from common.options import Compression
@@ -58,7 +58,8 @@ from server.validate import (
 __all__ = ["Collected", "MemeStrategy", "TooFewClients", "build_strategy"]
 
 #: every evaluation score, by model (:data:`SCORED`)
-SCORES = tuple(f"{name}-{what}" for name in SCORED for what in ("accuracy", "loss"))
+SCORES = tuple(f"{name}-{what}" for name in (*SCORED, *PEER_SCORED)
+               for what in ("accuracy", "loss"))
 #: with ``max-client-weight = 0`` a reply's weight is capped at this many times the
 #: median train split reported at identification
 WEIGHT_CAP_FACTOR = 10
@@ -347,14 +348,21 @@ class MemeStrategy(FedAvg):
             clients.append({
                 "key": self.clients.key_of(node), "num_test": got.num_examples,
                 "num_train": info.get("num-train"),
-                **{k.replace("-", "_"): got.metrics.get(k) for k in (*SCORES, "mix-weight")}})
+                **{k.replace("-", "_"): got.metrics.get(k) for k in (*SCORES, "mix-weight")},
+                "peer_accuracies": _peer_accuracies(got.metrics)})
         self.run_log.set_clients(clients)
         means = weighted_means([c for c in checked if c.num_examples > 0], SCORES)
         if not means:
             return None
         self.run_log.set(**{f"{name}_accuracy": means.get(f"{name}-accuracy")
-                            for name in SCORED})
+                            for name in SCORED}, peer_accuracies=_peer_accuracies(means))
         return MetricRecord(means)
+
+
+def _peer_accuracies(scores: Mapping[str, float]) -> dict[str, float] | None:
+    """Each of peers 2…K's own accuracy (``private-peers`` > 1), by slot; else None."""
+    return {name: scores[f"{name}-accuracy"] for name in PEER_SCORED
+            if f"{name}-accuracy" in scores} or None
 
 
 def weighted_means(replies: Sequence[Update | Evaluation], keys: Iterable[str],

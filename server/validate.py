@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, RecordDict
 
-from common.algorithms.base import SCORED
+from common.algorithms.base import PEER_SCORED, SCORED
 from common.compression import Codec, CompressionError, State, Template, decode
 from common.options import Compression
 
@@ -34,7 +34,7 @@ TRAIN_METRICS = frozenset({"num-examples", "skipped-steps", "mix-weight"})
 SLOT_METRIC = re.compile(r"train-(loss|acc)-[a-z][a-z0-9]{0,15}(-[a-z0-9]{1,15}){0,2}")
 #: the metrics an evaluation reply may carry
 EVALUATE_METRICS = frozenset({"num-examples", "mix-weight"} | {
-    f"{name}-{what}" for name in SCORED for what in ("accuracy", "loss")})
+    f"{name}-{what}" for name in (*SCORED, *PEER_SCORED) for what in ("accuracy", "loss")})
 _UNIT = {"acc", "accuracy", "weight"}  # metrics named with these words lie in [0, 1]
 MAX_COUNT = 10**9  # a num-examples at most, where the operator set no cap
 

@@ -117,9 +117,21 @@ def test_fml_with_three_private_peers_keeps_all_on_the_device(simlink, tmp_path)
                        "output-dir": str(tmp_path), "run-name": "k3"})
     path = tmp_path / "k3" / "metrics.json"
     assert path.exists(), log[-3000:]
-    for r in json.loads(path.read_text()):
+    metrics = json.loads(path.read_text())
+    for r in metrics:
         assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["peers_accuracy"] <= 1
         assert r["train_loss_local"] is not None
+    # each peer scored alone too: per client, and the round's test-size-weighted mean
+    evaluated = json.loads((tmp_path / "k3" / "clients.json").read_text())
+    for r, rnd in zip(metrics, evaluated, strict=True):
+        rows = rnd["clients"]
+        assert all(set(c["peer_accuracies"]) == {"peer-2", "peer-3"} for c in rows)
+        for peer in ("peer-2", "peer-3"):
+            mean = (sum(c["num_test"] * c["peer_accuracies"][peer] for c in rows)
+                    / sum(c["num_test"] for c in rows))
+            assert r["peer_accuracies"][peer] == pytest.approx(mean, rel=1e-12)
+        assert r["peer_accuracies"] != {"peer-2": r["local_accuracy"],
+                                        "peer-3": r["local_accuracy"]}
     trained = [f for f in audit.rglob("*.npz") if "train" in f.name]
     assert trained
     for f in trained:

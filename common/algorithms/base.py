@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 #: ``peers`` the K private peers' mean, ``private`` and ``tuned`` FML's private model and
 #: fine-tuned meme when ``personal-model`` picks another
 SCORED = ("local", "meme", "mix", "peers", "private", "tuned")
+#: FML's private peers after the first, each scored alone (``private-peers`` <= 8)
+PEER_SCORED = tuple(f"peer-{k}" for k in range(2, 9))
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class Fml(Algorithm):
 
         pm = ev.cfg.personal_model
         if pm is PersonalModel.PRIVATE:
-            return dict(models)
+            return dict(models)  # peer-2 … peer-K scored alone too
         private, meme = models["local"], models["meme"]
         tuned = tune_meme(self, private, meme, ev)
         if pm is PersonalModel.TUNED:
@@ -104,7 +104,7 @@ class Fml(Algorithm):
             weight = validation_weight(private, tuned, ev, grid)
         personal = (private if weight == 1.0 else tuned if weight == 0.0
                     else Mixture(private, tuned, weight))
-        return {"local": personal, "meme": meme, "private": private, "tuned": tuned}
+        return {**models, "local": personal, "private": private, "tuned": tuned}
 
     def extra_metrics(self, models: Mapping[str, nn.Module], mix: float | None,
                       x: torch.Tensor, y: torch.Tensor, ev: Evaluation) -> dict[str, float]:
