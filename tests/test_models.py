@@ -15,7 +15,7 @@ def test_forward_shape(name, spec):
     assert out.shape == (2, spec.num_classes)
 
 
-@pytest.mark.parametrize("name", ["cnn", "cnn-bn", "cnn-cifar"])
+@pytest.mark.parametrize("name", ["cnn", "cnn-bn", "cnn-cifar", "lenet5"])
 @pytest.mark.parametrize("size", [5, 8, 9, 15, 16, 17, 28, 31, 32])
 def test_two_conv_models_fit_every_image_side(name, size):
     """The flattened feature count is computed, not probed: a wrong count fails the FC."""
@@ -28,6 +28,15 @@ def test_cnn_is_the_pflib_fedavg_cnn_on_28px():
     n = sum(p.numel() for p in model.parameters())
     # conv 1->32 (5x5) + conv 32->64 (5x5) + fc 1024->512 + fc 512->10
     assert n == (25 * 32 + 32) + (25 * 32 * 64 + 64) + (1024 * 512 + 512) + (512 * 10 + 10)
+
+
+def test_lenet5_is_lecuns_on_28px():
+    model = build_model("lenet5", TaskSpec(1, 28, 10))
+    n = sum(p.numel() for p in model.parameters())
+    # conv 1->6 (5x5, padded: 28 -> 14 after the pool) + conv 6->16 (5x5: 14 -> 10 -> 5)
+    # + fc 400->120 + fc 120->84 + fc 84->10
+    assert n == (25 * 6 + 6) + (25 * 6 * 16 + 16) + (400 * 120 + 120) + (120 * 84 + 84) + (
+        84 * 10 + 10) == 61_706
 
 
 def test_unknown_model():
