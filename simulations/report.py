@@ -73,6 +73,32 @@ def table(runs: Runs) -> str:
     return "\n".join(lines) + "\n"
 
 
+def peer_table(runs: Runs) -> str:
+    """With K > 1 private peers: each peer's final accuracy alone (the first is
+    ``local_accuracy``, the others ``peer_accuracies``) and their mean prediction; empty
+    when no run has peers."""
+    rows = []
+    for preset in sorted(runs):
+        for algo in sorted(runs[preset], key=lambda a: order_key(a, runs[preset][a][0])):
+            cols: dict[str, list[float]] = defaultdict(list)
+            for r in runs[preset][algo]:
+                last = next((x for x in reversed(r["records"]) if x.get("peer_accuracies")),
+                            None)
+                if last is None:
+                    continue
+                for name, acc in {"local": last["local_accuracy"], **last["peer_accuracies"],
+                                  "mean": last["peers_accuracy"]}.items():
+                    cols[name].append(acc)
+            if cols:
+                peers = " / ".join(mean_std(cols[n]) for n in cols if n != "mean")
+                rows.append(f"| {preset} | {algo} | {len(cols['local'])} | {peers} | "
+                            f"{mean_std(cols['mean'])} |")
+    if not rows:
+        return ""
+    return ("| preset | algorithm | seeds | each peer's acc. final (first / second / …) "
+            "| peers' mean prediction |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def seed_curves(runs: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray]:
     """The rounds where every seed recorded ``key`` (with ``evaluate-every`` not all of
     them), and the seeds' values there: (rounds, seeds x rounds)."""
@@ -150,6 +176,9 @@ def write_report(root: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "results.md"]
     text = f"# Results from {root}\n\n" + table(runs)
+    peers = peer_table(runs)
+    if peers:
+        text += "\n## Private peers (K > 1), each alone\n\n" + peers
     privacy = privacy_table(runs)
     if privacy:
         text += "\n## Privacy/utility\n\n" + privacy

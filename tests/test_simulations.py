@@ -368,3 +368,25 @@ def test_dml_pairs_its_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "mlp-mlp" / "dml.png").exists()
     with pytest.raises(SystemExit):
         main(["--models", "cnn", "--out", str(tmp_path)])  # one model is no study
+
+
+def test_peer_table_reports_each_private_peer_and_their_mean():
+    """K = 3 over two seeds: each peer's column is its own mean ± std over the seeds
+    (hand-computed), runs without peers get no row, and no peers at all means no table."""
+    from simulations.report import peer_table
+
+    def run(seed, local, p2, p3, mean):
+        last = {"round": 2, "local_accuracy": local, "peers_accuracy": mean,
+                "peer_accuracies": {"peer-2": p2, "peer-3": p3}}
+        return {"seed": seed, "config": {"algorithm": "fml"},
+                "records": [{"round": 1, "peer_accuracies": None}, last]}
+
+    plain = {"seed": 0, "config": {"algorithm": "fml"},
+             "records": [{"round": 1, "local_accuracy": 0.5, "peer_accuracies": None}]}
+    runs = {"p": {"fml-k3": [run(0, 0.80, 0.70, 0.60, 0.85), run(1, 0.82, 0.74, 0.60, 0.87)],
+                  "fml": [plain]}}
+    rows = [ln for ln in peer_table(runs).splitlines() if ln.startswith("| p ")]
+    # local 81 ± 1.41, peer-2 72 ± 2.83, peer-3 60 ± 0, mean 86 ± 1.41
+    assert rows == ["| p | fml-k3 | 2 | 81.00 ± 1.41 / 72.00 ± 2.83 / 60.00 ± 0.00 | "
+                    "86.00 ± 1.41 |"]
+    assert peer_table({"p": {"fml": [plain]}}) == ""
