@@ -102,6 +102,11 @@ def test_the_new_plug_ins_run_end_to_end(simlink, tmp_path, algorithm):
         assert (r["train_loss_local"] is not None) == (algorithm == "ditto")
     last = clients[-1]["clients"]
     assert len(last) == 3 and all(c["local_accuracy"] is not None for c in last)
+    if algorithm == "fedavg-ft":  # fine-tuning touches a copy: the training is FedAvg's
+        fedavg = json.loads((RECORDED / "fedavg.json").read_text())["metrics"]
+        keys = ("meme_accuracy", "central_meme_accuracy", "train_loss_meme", "bytes_up")
+        _same([{k: r[k] for k in keys} for r in metrics],
+              [{k: r[k] for k in keys} for r in fedavg], "fedavg")
     # the personalised model is not the global one: it differs on some client
     assert any(c["local_accuracy"] != c["meme_accuracy"] for c in last)
 
