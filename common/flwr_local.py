@@ -96,12 +96,17 @@ class SimLink:
         return out.stdout + out.stderr
 
     def stop(self) -> None:
-        """End the SuperLink (and with it any simulation it runs)."""
+        """End the SuperLink and every process under it. Its SuperExec starts a session of
+        its own, so a simulation (and its Ray) outlives the SuperLink's end, reparented to
+        init, and would go on writing into a run folder a resumed grid writes too: the tree
+        is listed first, then ended."""
+        tree = descendants(self.proc.pid)
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        end_processes(tree)
         self._log.close()
 
     def __enter__(self) -> SimLink:
@@ -109,6 +114,56 @@ class SimLink:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _children() -> dict[int, list[int]]:
+    """Parent pid -> child pids, read from /proc (empty where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        ppid = next((ln.split()[1] for ln in status.splitlines() if ln.startswith("PPid:")), "0")
+        children.setdefault(int(ppid), []).append(int(entry.name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under ``pid`` (children, theirs, ...), parents before children."""
+    children, out, stack = _children(), [], [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has ended; its parent just has not reaped it
+
+
+def end_processes(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM each (a simulation then shuts its Ray down), SIGKILL what is left after
+    ``grace`` seconds."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        pids = [p for p in pids if _alive(p)]
+        if not pids:
+            return
 
 
 def tree_rss(root_pid: int, field: str = "Pss") -> int:
