@@ -33,7 +33,8 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
         assert tuple(r) == METRIC_KEYS
         dp_keys = [k for k in METRIC_KEYS
                    if k.startswith("dp_") or k in ("mix_accuracy", "peers_accuracy",
-                                                   "private_accuracy", "tuned_accuracy")]
+                                                   "private_accuracy", "tuned_accuracy",
+                                                   "peer_accuracies")]
         assert all(r[k] is not None for k in METRIC_KEYS if k not in dp_keys), r
         assert all(r[k] is None for k in dp_keys)  # no DP, no mixture: none reported
         assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
