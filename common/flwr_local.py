@@ -173,32 +173,18 @@ def tree_rss(root_pid: int, field: str = "Pss") -> int:
     is what the tree really occupies; ``Rss`` counts shared pages (torch's libraries,
     mapped by every worker) once per process and overstates the total.
     """
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    total = 0
+    for pid in (root_pid, *descendants(root_pid)):
+        entry = Path(f"/proc/{pid}")
         try:
-            status = (entry / "status").read_text()
+            if field == "Rss":
+                text, key = (entry / "status").read_text(), "VmRSS:"
+            else:
+                text, key = (entry / "smaps_rollup").read_text(), field + ":"
         except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        pid = int(entry.name)
-        children.setdefault(int(fields.get("PPid", "0").strip() or 0), []).append(pid)
-        if field == "Rss":
-            rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
-        else:
-            try:
-                rollup = (entry / "smaps_rollup").read_text()
-            except OSError:
-                continue
-            line = next((ln for ln in rollup.splitlines() if ln.startswith(field + ":")), "")
-            rss[pid] = int(line.split()[1]) * 1024 if line else 0
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
+            continue  # ended meanwhile
+        line = next((ln for ln in text.splitlines() if ln.startswith(key)), "")
+        total += int(line.split()[1]) * 1024 if line else 0
     return total
 
 

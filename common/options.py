@@ -22,8 +22,7 @@ DATASET_NAMES: tuple[str, ...] = (
     "fashion-mnist", "mnist", "cifar10", "cifar100", "digits", "synthetic", "npz",
 )
 # common.models registers one builder per name and refuses to import if the two differ.
-MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn-bn", "mlp", "cnn-cifar", "resnet18",
-                                      "lenet5")
+MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn-bn", "mlp", "cnn-cifar", "resnet18", "lenet5")
 
 
 class _Algorithm(StrEnum):
