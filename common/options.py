@@ -23,6 +23,8 @@ DATASET_NAMES: tuple[str, ...] = (
 )
 # common.models registers one builder per name and refuses to import if the two differ.
 MODEL_NAMES: tuple[str, ...] = ("cnn", "cnn-bn", "mlp", "cnn-cifar", "resnet18", "lenet5")
+#: the most private models an FML client may hold (`private-peers`)
+MAX_PEERS = 8
 
 
 class _Algorithm(StrEnum):

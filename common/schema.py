@@ -17,6 +17,7 @@ from typing import Any
 from common.faults import parse_faults
 from common.options import (
     DATASET_NAMES,
+    MAX_PEERS,
     MODEL_NAMES,
     Aggregation,
     Algorithm,
@@ -207,7 +208,7 @@ SCHEMA: tuple[Key, ...] = (
         "learning's students, the node's architecture), each learning CE + the mean KL toward "
         "all the others, the meme included; `local_accuracy` is the first, `peers_accuracy` "
         "their mean prediction, `peer_accuracies` each of the others alone. 1: the private "
-        "model and the meme", *_ints(1, 8)),
+        "model and the meme", *_ints(1, MAX_PEERS)),
     Key("peer-models", str, "", M, "`fml` with `private-peers` = K > 1: the architectures "
         "of peers 2…K, a comma list of K-1 models (heterogeneous students; the first peer "
         "is the node's `local-model`); empty: the node's `local-model` for every peer",

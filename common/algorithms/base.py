@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from common.options import MAX_PEERS
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
 #: ``peers`` the K private peers' mean, ``private`` and ``tuned`` FML's private model and
 #: fine-tuned meme when ``personal-model`` picks another
 SCORED = ("local", "meme", "mix", "peers", "private", "tuned")
-#: FML's private peers after the first, each scored alone (``private-peers`` <= 8)
-PEER_SCORED = tuple(f"peer-{k}" for k in range(2, 9))
+#: FML's private peers after the first, each scored alone
+PEER_SCORED = tuple(f"peer-{k}" for k in range(2, MAX_PEERS + 1))
 
 
 @dataclass(frozen=True)
