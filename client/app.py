@@ -77,7 +77,7 @@ def _models(cfg: Config, context: Context, node: private.NodeInfo, spec: TaskSpe
     priv = (private.restore(context, cfg, node, spec, device, lineage, max_round, own)
             if own else None)
     if priv is not None and priv.node_round == 0 and received:
-        algo.warm_start(priv.models, received)
+        algo.warm_start(cfg, priv.models, received)
     own = priv.models if priv is not None else {}
     return {s.name: own[s.name] if s.name in own else received[s.name]
             for s in algo.slots_for(cfg)}, priv

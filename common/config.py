@@ -33,6 +33,7 @@ from common.options import (
     Partitioner,
     PersonalModel,
     Precision,
+    PrivateInit,
     PrivateStore,
 )
 from common.schema import BY_NAME, SCHEMA, Key, floats
@@ -74,6 +75,7 @@ class Config:
     peer_models: str
     personal_mix: bool
     personal_model: PersonalModel
+    private_init: PrivateInit
     validation_fraction: float
     proximal_mu: float
     finetune_epochs: int
@@ -261,6 +263,11 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           "picks among FML's private model and its fine-tuned meme: expected "
                           "'private', or algorithm 'fml' with one private model (private-peers "
                           "= 1) and without personal-mix")
+    if cfg.private_init is not PrivateInit.RANDOM and cfg.algorithm is not Algorithm.FML:
+        raise ConfigError(f"run-config key 'private-init' = {cfg.private_init.value!r} starts "
+                          f"FML's private model from the meme, but algorithm "
+                          f"{cfg.algorithm.value!r} has its own start: expected 'random', or "
+                          "algorithm 'fml'")
     if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "

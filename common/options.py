@@ -134,6 +134,13 @@ class PersonalModel(StrEnum):
     MIX = "mix"  # w·p_private + (1-w)·p_tuned, w in {0, 0.1, …, 1} chosen on that slice
 
 
+class PrivateInit(StrEnum):
+    """How FML's private model starts (run-config ``private-init``)."""
+
+    RANDOM = "random"  # its own seeded initialisation
+    MEME = "meme"  # the first meme it receives, where the architectures match (Ditto's start)
+
+
 class Precision(StrEnum):
     """The arithmetic of local training's forward passes (run-config ``precision``)."""
 

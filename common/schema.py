@@ -31,6 +31,7 @@ from common.options import (
     Partitioner,
     PersonalModel,
     Precision,
+    PrivateInit,
     PrivateStore,
 )
 
@@ -222,6 +223,11 @@ SCHEMA: tuple[Key, ...] = (
         "`mix`, w·p_private + (1-w)·p_tuned with w in {0, 0.1, …, 1} chosen on that slice. "
         "Other than `private`, both are also reported (`private_accuracy`, "
         "`tuned_accuracy`)"),
+    Key("private-init", PrivateInit, PrivateInit.RANDOM, M,
+        "`fml`: how the private model starts: `random` (its own seeded initialisation) or "
+        "`meme`, a copy of the first meme the client receives where the two architectures "
+        "match (as Ditto's personal model starts; the meme's features handed over before "
+        "mutual learning begins). Peers 2…K keep their own initialisation"),
     Key("validation-fraction", float, 0.1, M, "`personal-model` = `choice` or `mix`: the "
         "share of each client's training split held out of training to choose on",
         _in(0.01, 0.5), "a number in [0.01, 0.5]"),

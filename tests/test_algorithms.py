@@ -63,8 +63,28 @@ def test_ditto_steps_the_personal_model_on_ce_plus_its_pull_to_the_received_glob
 
 def test_ditto_personal_model_starts_as_the_global_one():
     personal, meme = _linear(W_LOCAL, B_LOCAL), _linear(W_GLOBAL, B_GLOBAL)
-    get("ditto").warm_start({"local": personal}, {"meme": meme})
+    get("ditto").warm_start(load_config({"algorithm": "ditto"}), {"local": personal},
+                            {"meme": meme})
     assert torch.equal(personal.weight, meme.weight) and personal.weight is not meme.weight
+
+
+def test_fml_private_init_meme_copies_the_meme_into_the_first_private_model_only():
+    cfg = load_config({"algorithm": "fml", "private-peers": 2, "private-init": "meme"})
+    first, peer, meme = (_linear(W_LOCAL, B_LOCAL), _linear(W_LOCAL, B_LOCAL),
+                         _linear(W_GLOBAL, B_GLOBAL))
+    get("fml").warm_start(cfg, {"local": first, "peer-2": peer}, {"meme": meme})
+    np.testing.assert_array_equal(first.weight.detach().numpy(), W_GLOBAL)
+    np.testing.assert_array_equal(first.bias.detach().numpy(), B_GLOBAL)
+    assert first.weight is not meme.weight
+    np.testing.assert_array_equal(peer.weight.detach().numpy(), W_LOCAL)  # its own start
+    untouched = _linear(W_LOCAL, B_LOCAL)  # private-init random: no copy
+    get("fml").warm_start(load_config({"algorithm": "fml"}), {"local": untouched},
+                          {"meme": meme})
+    np.testing.assert_array_equal(untouched.weight.detach().numpy(), W_LOCAL)
+    wider = nn.Linear(3, 4)  # another architecture: left as it was
+    before = wider.weight.detach().clone()
+    get("fml").warm_start(cfg, {"local": wider}, {"meme": meme})
+    assert torch.equal(wider.weight, before)
 
 
 def test_fedavg_ft_scores_a_fine_tuned_copy_and_leaves_the_global_model():

@@ -239,3 +239,34 @@ def test_a_held_out_validation_slice_never_trains():
         reply = client_app.train(_train_message(_meme_state()), ctx)
         counts[mode] = reply.content["metrics"]["num-examples"]
     assert counts == {"private": n, "choice": n - round(0.1 * n)}
+
+
+def test_private_init_meme_starts_the_private_model_as_the_first_meme_only():
+    # α = β = 1: no distillation, so a private model that starts as the meme trains exactly
+    # like it on the same batches and ends equal to the meme the client sends up
+    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme"}
+    ctx = make_context(run)
+    reply = client_app.train(_train_message(_meme_state(0)), ctx)
+    kept = _stored(ctx)
+    for k, sent in reply.content["arrays"].items():
+        np.testing.assert_array_equal(kept[k], sent.numpy())
+    # round 2 is not re-warmed: the private model continues from its own round-1 weights
+    reply = client_app.train(_train_message(_meme_state(1), server_round=2), ctx)
+    kept = _stored(ctx)
+    assert any(not np.array_equal(kept[k], v.numpy())
+               for k, v in reply.content["arrays"].items())
+    # with private-init random (the default), the same run does not start from the meme
+    ctx = make_context({**run, "private-init": "random"})
+    reply = client_app.train(_train_message(_meme_state(0)), ctx)
+    kept = _stored(ctx)
+    assert any(not np.array_equal(kept[k], v.numpy())
+               for k, v in reply.content["arrays"].items())
+
+
+def test_private_init_meme_leaves_a_private_model_of_another_architecture_alone():
+    run = {**RUN, "private-init": "meme"}  # a cnn private model, an mlp meme
+    first = _private_after(run, 1)[0]
+    plain = _private_after({**RUN}, 1)[0]
+    assert first.keys() == plain.keys()
+    for k in first:
+        np.testing.assert_array_equal(first[k], plain[k])

@@ -143,6 +143,14 @@ def test_cross_key_rules():
         load_config({"algorithm": "fedprox", "proximal-mu": 0.0})
 
 
+def test_private_init_needs_fml_and_names_its_values():
+    with pytest.raises(ConfigError, match="'private-init' = 'meme'.*'ditto'"):
+        load_config({"algorithm": "ditto", "private-init": "meme"})
+    with pytest.raises(ConfigError, match="'private-init'.*random, meme"):
+        load_config({"private-init": "zeros"})
+    assert load_config({"private-init": "meme"}).private_init.value == "meme"
+
+
 def test_peer_models_name_one_architecture_per_peer_after_the_first():
     from common.algorithms import get
 

@@ -139,8 +139,8 @@ class Algorithm:
                      autocast=torch.bfloat16 if cfg.precision is Precision.BF16 else None,
                      compile=cfg.torch_compile)
 
-    def warm_start(self, private: Mapping[str, nn.Module], received: Mapping[str, nn.Module],
-                   ) -> None:
+    def warm_start(self, cfg: Config, private: Mapping[str, nn.Module],
+                   received: Mapping[str, nn.Module]) -> None:
         """Initialise private models that have never trained from what the client received
         (the shared slots); nothing here: they keep their seeded initialisation."""
 

@@ -30,8 +30,8 @@ class Ditto(Algorithm):
         hp.proximal_mu = cfg.ditto_lambda
         return hp
 
-    def warm_start(self, private: Mapping[str, nn.Module], received: Mapping[str, nn.Module],
-                   ) -> None:
+    def warm_start(self, cfg: Config, private: Mapping[str, nn.Module],
+                   received: Mapping[str, nn.Module]) -> None:
         """A personal model that has never trained starts as the global model."""
         private["local"].load_state_dict(received["meme"].state_dict())
 

@@ -52,6 +52,19 @@ class Fml(Algorithm):
         peers = tuple(Slot(f"peer-{i}", arch=a) for i, a in enumerate(archs, start=2))
         return (Slot("local"), *peers, Slot("meme", shared=True, arch="meme"))
 
+    def warm_start(self, cfg: Config, private: Mapping[str, nn.Module],
+                   received: Mapping[str, nn.Module]) -> None:
+        """``private-init`` = ``meme``: the first private model starts as the meme it first
+        receives, where the two have the same parameters and buffers (names and shapes);
+        another architecture, and peers 2…K, keep their own initialisation."""
+        from common.options import PrivateInit
+
+        if cfg.private_init is not PrivateInit.MEME:
+            return
+        own, meme = private["local"].state_dict(), received["meme"].state_dict()
+        if own.keys() == meme.keys() and all(own[k].shape == meme[k].shape for k in own):
+            private["local"].load_state_dict(meme)
+
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
         return _Batches(hp.mix, y)
 
