@@ -84,6 +84,8 @@ class Config:
     codistill_burnin: int
     codistill_teachers: int
     aggregation: Aggregation
+    server_lr: float
+    server_momentum: float
     trimmed_mean_beta: float
     num_malicious: int
     max_client_weight: int
@@ -268,6 +270,10 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           f"FML's private model from the meme, but algorithm "
                           f"{cfg.algorithm.value!r} has its own start: expected 'random', or "
                           "algorithm 'fml'")
+    if (cfg.server_lr != 1.0 or cfg.server_momentum != 0.0) and not cfg.algorithm.trains_meme:
+        raise ConfigError(f"run-config keys 'server-lr' = {cfg.server_lr} and "
+                          f"'server-momentum' = {cfg.server_momentum} step the meme, but "
+                          f"algorithm {cfg.algorithm.value!r} has none: expected 1 and 0")
     if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "

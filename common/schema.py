@@ -276,6 +276,12 @@ SCHEMA: tuple[Key, ...] = (
         "`weighted` (by num-examples), `uniform` (as in the FML paper); robust, through "
         "Flower's strategies: `median`, `trimmed-mean` (`trimmed-mean-beta` per side), "
         "`krum` and `multi-krum` (tolerating `num-malicious`)"),
+    Key("server-lr", float, 1.0, A, "the server's step along the round's averaged change of "
+        "the meme (FedAvgM, Hsu et al. 2019): w_sent - server-lr·v; 1 with no momentum is "
+        "the aggregate itself", _in(0, 10, lo_open=True), "a number in (0, 10]"),
+    Key("server-momentum", float, 0.0, A, "μ of the server's velocity v <- μ·v + (w_sent - "
+        "w_aggregate) (FedAvgM); applied after DP's noise and SecAgg+'s sum, kept in the "
+        "checkpoint", _in(0, 1, hi_open=True), "a number in [0, 1)"),
     Key("trimmed-mean-beta", float, 0.2, A, "`trimmed-mean`: share cut on each side",
         _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
     Key("num-malicious", int, 1, A, "`krum`, `multi-krum`: clients tolerated",

@@ -19,7 +19,13 @@ from common.models import TaskSpec, build_model
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
 from common.training import evaluate
-from server.checkpoint import Checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from server.identity import ClientRegistry, TooFewClients
 from server.privacy import wrap_dp
 from server.results import RunLog, project_path, torch_save_atomic
@@ -106,7 +112,8 @@ def checkpointer(cfg: Config, meme: nn.Module, run_log: RunLog, strategy: MemeSt
         save_checkpoint(run_log.run_dir, server_round, meme.state_dict(), run_log.records, cfg,
                         {"client_keys_seen": len(strategy.clients.keys),
                          "bindings": strategy.clients.bindings()},
-                        strategy.bank.state() if strategy.bank is not None else None)
+                        strategy.bank.state() if strategy.bank is not None else None,
+                        strategy.momentum.state())
 
     return checkpoint
 
@@ -146,6 +153,11 @@ def main(grid: Grid, context: Context) -> None:
                                   template_of(to_record(meme.state_dict())))
         if ckpt is not None and strategy.bank is not None:
             strategy.bank.restore(ckpt.teachers)
+        if ckpt is not None:
+            try:
+                strategy.momentum.restore(ckpt.velocity, meme.state_dict())
+            except ValueError as exc:
+                raise CheckpointError(f"checkpoint {ckpt.path}: {exc}") from None
         task = {"channels": spec.channels, "size": spec.size, "num-classes": spec.num_classes,
                 "lineage": run_log.run_dir.name}
         task.update(cfg.algorithm.spec.train_config(cfg))

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import Config
+from common.config import Config, default_config
 from common.schema import RESUMABLE
 from server.results import torch_save_atomic
 
@@ -43,14 +43,17 @@ class Checkpoint:
     strategy: dict[str, Any]
     rng: dict[str, Any]
     teachers: dict[str, dict[str, torch.Tensor]]  # co-distillation's bank, by client key
+    velocity: dict[str, torch.Tensor]  # server momentum's (empty without it)
 
 
 def save_checkpoint(run_dir: Path, server_round: int, meme: dict[str, torch.Tensor],
                     records: list[dict[str, Any]], cfg: Config,
                     strategy_state: dict[str, Any],
-                    teachers: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+                    teachers: dict[str, dict[str, torch.Tensor]] | None = None,
+                    velocity: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``checkpoint.pt`` for a completed round (temp file, fsync, rename); with
-    ``teachers``, co-distillation's bank of the clients' latest models."""
+    ``teachers``, co-distillation's bank of the clients' latest models; with ``velocity``,
+    server momentum's."""
     np_state = np.random.get_state()
     payload = {
         "format": FORMAT, "round": server_round,
@@ -58,6 +61,7 @@ def save_checkpoint(run_dir: Path, server_round: int, meme: dict[str, torch.Tens
         "metrics_json": json.dumps(records), "config_json": json.dumps(cfg.to_dict()),
         "strategy_json": json.dumps(strategy_state),
         "teachers": teachers or {},
+        "velocity": velocity or {},
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state(),
                 "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                           *np_state[2:]]},
@@ -83,17 +87,19 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> Checkpoint:
         ckpt = Checkpoint(path, int(raw["round"]), dict(raw["meme"]),
                           json.loads(raw["metrics_json"]), json.loads(raw["config_json"]),
                           json.loads(raw["strategy_json"]), raw["rng"],
-                          dict(raw.get("teachers", {})))
+                          dict(raw.get("teachers", {})), dict(raw.get("velocity", {})))
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
                               f"({type(exc).__name__}: {exc})") from None
     now = cfg.to_dict()
-    differ = sorted(k for k in set(now) | set(ckpt.config)
-                    if k not in MAY_DIFFER and now.get(k) != ckpt.config.get(k))
+    # a key added since the checkpoint was written ran at its default then
+    then = {**default_config().to_dict(), **ckpt.config}
+    differ = sorted(k for k in set(now) | set(then)
+                    if k not in MAY_DIFFER and now.get(k) != then.get(k))
     if differ:
-        detail = ", ".join(f"'{k}': checkpoint {ckpt.config.get(k)!r}, now {now.get(k)!r}"
+        detail = ", ".join(f"'{k}': checkpoint {then.get(k)!r}, now {now.get(k)!r}"
                            for k in differ)
         raise CheckpointError(f"checkpoint {path} is from a different config ({detail})")
     if len(ckpt.records) != ckpt.round:

@@ -41,6 +41,7 @@ from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
 from server.identity import ClientRegistry, OrderedGrid, TooFewClients
+from server.momentum import ServerMomentum
 from server.results import RunLog
 from server.sampling import downlink, messages, sample
 from server.secure import SecureAggregationFailed, SecureResult, secure_mean
@@ -97,6 +98,7 @@ class MemeStrategy(FedAvg):
         # co-distillation: each client's latest model, forwarded to others as a teacher
         self.bank = TeacherBank() if cfg.algorithm.spec.keeps_teachers else None
         self.served: dict[int, int] = {}  # client key -> the exchange whose teachers it got
+        self.momentum = ServerMomentum(cfg.server_lr, cfg.server_momentum)
 
     def ordered(self, grid: Grid) -> OrderedGrid:
         """The identified connected nodes in key order (see :class:`ClientRegistry`)."""
@@ -237,8 +239,9 @@ class MemeStrategy(FedAvg):
     def release(self, meme: State | None, collected: Collected,
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record the round's accepted replies and return the meme it publishes (in the
-        template's dtypes); with no accepted reply, or an aggregate that is not finite,
-        the meme stays as it was and the record says why."""
+        template's dtypes), after the server's momentum step (:mod:`server.momentum`); with
+        no accepted reply, or an aggregate that is not finite, the meme stays as it was
+        (the velocity too) and the record says why."""
         if not collected.contents:
             log(WARNING, "no valid update this round: the meme stays as it was")
             self.run_log.set(skipped=True)
@@ -259,6 +262,7 @@ class MemeStrategy(FedAvg):
             self.run_log.set(skipped=True)
             self.run_log.reject("aggregate", -1, None, reason)
             return None, metrics
+        cast = self.momentum.step(collected.reference, cast)
         return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],

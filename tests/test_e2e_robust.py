@@ -115,7 +115,8 @@ def _interrupt_and_resume(simlink, tmp_path, cfg):
 
 
 @pytest.mark.parametrize(("algorithm", "extra"), [
-    ("fedavg", {}),
+    # with server momentum: the velocity must come back from the checkpoint too
+    ("fedavg", {"server-lr": 0.8, "server-momentum": 0.9}),
     # FML with its private models on disk only and int8-compressed updates: the resume
     # goes through the disk store and the server's decoding
     ("fml", {"private-store": "disk", "compression": "int8"})])
