@@ -37,11 +37,12 @@ def test_raising_and_nan_clients_do_not_stop_the_run(simlink, tmp_path):
 
 
 def test_a_straggler_is_cut_off_at_round_timeout_and_the_run_goes_on(simlink, tmp_path):
-    # straggler in round 2 (round 1 warms up Ray's actors): while it sleeps in one actor,
-    # the others' messages go to the other actor (2 CPUs, 1 per client)
+    # straggler in round 2 (round 1 warms up Ray's actors, which under a loaded CI took
+    # over 20 s: the timeout leaves it room): while it sleeps in one actor, the others'
+    # messages go to the other actor (2 CPUs, 1 per client)
     log = simlink.run({**BASE, "output-dir": str(tmp_path), "run-name": "slow",
-                       "num-server-rounds": 3, "round-timeout": 20.0,
-                       "faults": "slow60:1@2", "algorithm": "fml"},
+                       "num-server-rounds": 3, "round-timeout": 45.0,
+                       "faults": "slow70:1@2", "algorithm": "fml"},
                       supernodes=3)
     path = tmp_path / "slow" / "metrics.json"
     assert path.exists(), log[-3000:]
@@ -49,7 +50,7 @@ def test_a_straggler_is_cut_off_at_round_timeout_and_the_run_goes_on(simlink, tm
     assert [r["round"] for r in records] == [1, 2, 3]
     assert [r["failed_clients"] for r in records] == [0, 1, 0]
     assert [r["num_clients"] for r in records] == [3, 2, 3]
-    assert records[1]["seconds"] < 60  # the round did not wait for the straggler
+    assert records[1]["seconds"] < 70  # the round did not wait for the straggler
     assert "did not answer within round-timeout" in log
 
 
@@ -73,8 +74,8 @@ def test_bad_client_data_answers_with_an_error_and_the_round_goes_on(simlink, tm
 
 
 def test_poisoning_median_and_multi_krum_hold_weighted_breaks(simlink, tmp_path):
-    common = {"num-server-rounds": 10, "algorithm": "fedavg", "partitioner": "iid",
-              "lr": 0.05}
+    common = {"num-server-rounds": 6, "algorithm": "fedavg", "partitioner": "iid",
+              "lr": 0.1}
     acc = {}
     for name, extra in {
         "clean": {},
@@ -84,7 +85,7 @@ def test_poisoning_median_and_multi_krum_hold_weighted_breaks(simlink, tmp_path)
     }.items():
         records, _ = _run(simlink, tmp_path, name, supernodes=5, **common, **extra)
         acc[name] = records[-1]["central_meme_accuracy"]
-    print("poisoning, central accuracy after 10 rounds:", acc)
+    print("poisoning, central accuracy after 6 rounds:", acc)
     assert acc["clean"] > 0.9
     assert abs(acc["median"] - acc["clean"]) <= 0.02
     assert abs(acc["multi-krum"] - acc["clean"]) <= 0.02
@@ -114,14 +115,12 @@ def _interrupt_and_resume(simlink, tmp_path, cfg):
     return full, part, resumed, a, b
 
 
-@pytest.mark.parametrize(("algorithm", "extra"), [
-    # with server momentum: the velocity must come back from the checkpoint too
-    ("fedavg", {"server-lr": 0.8, "server-momentum": 0.9}),
-    # FML with its private models on disk only and int8-compressed updates: the resume
-    # goes through the disk store and the server's decoding
-    ("fml", {"private-store": "disk", "compression": "int8"})])
-def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path, algorithm, extra):
-    cfg = {"algorithm": algorithm, "seed": 3, "fraction-train": 0.67, **extra}
+def test_interrupted_and_resumed_equals_uninterrupted(simlink, tmp_path):
+    # FML with its private models on disk only, int8-compressed updates and server
+    # momentum: the resume goes through the disk store, the server's decoding and the
+    # velocity kept in the checkpoint
+    cfg = {"algorithm": "fml", "seed": 3, "fraction-train": 0.67, "private-store": "disk",
+           "compression": "int8", "server-lr": 0.8, "server-momentum": 0.9}
     full, _, resumed, a, b = _interrupt_and_resume(simlink, tmp_path, cfg)
     assert _strip(resumed) == _strip(full)
     per_client = [json.loads((tmp_path / r / "clients.json").read_text())
