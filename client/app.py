@@ -8,6 +8,7 @@ injected faults, the wire audit.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -141,6 +142,11 @@ def train(msg: Message, context: Context) -> Message:
     x, y, _, _ = _split(cfg, node, data)
     with step("train.sgd", device=str(device)):
         stats = train_epochs(models, optimizers, algo, x, y, hp, gen, device)
+        solo = algo.solo_epochs(cfg)
+        if solo and algo.shared is not None:  # the meme alone, the private models frozen
+            name = algo.shared.name
+            train_epochs(models, {name: optimizers[name]}, algo, x, y,
+                         replace(hp, epochs=solo, mix=None), gen, device)
     with step("train.models-out"):
         if priv is not None:
             priv.mix = stats.mix if stats.mix is not None else priv.mix

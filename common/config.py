@@ -76,6 +76,7 @@ class Config:
     personal_mix: bool
     personal_model: PersonalModel
     private_init: PrivateInit
+    meme_epochs: int
     validation_fraction: float
     proximal_mu: float
     finetune_epochs: int
@@ -265,6 +266,11 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           "picks among FML's private model and its fine-tuned meme: expected "
                           "'private', or algorithm 'fml' with one private model (private-peers "
                           "= 1) and without personal-mix")
+    if cfg.meme_epochs and cfg.algorithm is not Algorithm.FML:
+        raise ConfigError(f"run-config key 'meme-epochs' = {cfg.meme_epochs} trains FML's meme "
+                          f"alone after the mutual epochs, but algorithm "
+                          f"{cfg.algorithm.value!r} has no private teacher: expected 0, or "
+                          "algorithm 'fml'")
     if cfg.private_init is not PrivateInit.RANDOM and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-init' = {cfg.private_init.value!r} starts "
                           f"FML's private model from the meme, but algorithm "

@@ -270,3 +270,23 @@ def test_private_init_meme_leaves_a_private_model_of_another_architecture_alone(
     assert first.keys() == plain.keys()
     for k in first:
         np.testing.assert_array_equal(first[k], plain[k])
+
+
+def test_meme_epochs_train_the_meme_alone_after_the_joint_epochs():
+    # α = β = 1 and private-init meme: both models start equal and learn from the labels
+    # only, so one joint epoch plus one meme epoch must give the meme of two joint epochs
+    # (the same shuffles, the same optimizer) and leave the private model at one epoch's
+    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme"}
+
+    def sent_and_kept(**keys):
+        ctx = make_context({**run, **keys})
+        reply = client_app.train(_train_message(_meme_state(0)), ctx)
+        return {k: v.numpy() for k, v in reply.content["arrays"].items()}, _stored(ctx)
+
+    solo_meme, solo_private = sent_and_kept(**{"meme-epochs": 1})
+    two_meme, _ = sent_and_kept(**{"local-epochs": 2})
+    one_meme, one_private = sent_and_kept()
+    for k in solo_meme:
+        np.testing.assert_array_equal(solo_meme[k], two_meme[k])
+        np.testing.assert_array_equal(solo_private[k], one_private[k])
+    assert any(not np.array_equal(solo_meme[k], one_meme[k]) for k in solo_meme)

@@ -143,6 +143,12 @@ def test_cross_key_rules():
         load_config({"algorithm": "fedprox", "proximal-mu": 0.0})
 
 
+def test_meme_epochs_need_fml():
+    with pytest.raises(ConfigError, match="'meme-epochs' = 2.*'fedavg'"):
+        load_config({"algorithm": "fedavg", "meme-epochs": 2})
+    assert load_config({"meme-epochs": 2}).meme_epochs == 2
+
+
 def test_private_init_needs_fml_and_names_its_values():
     with pytest.raises(ConfigError, match="'private-init' = 'meme'.*'ditto'"):
         load_config({"algorithm": "ditto", "private-init": "meme"})

@@ -105,6 +105,11 @@ class Algorithm:
         shared = self.shared
         return shared.name if shared is not None else None
 
+    def solo_epochs(self, cfg: Config) -> int:
+        """Epochs the shared slot trains alone after the joint ones, the private slots
+        teaching frozen; none here."""
+        return 0
+
     def teachers(self, cfg: Config, server_round: int) -> int:
         """How many other clients' latest uploads the server forwards to each trained
         client in ``server_round`` as frozen teachers (``teacher-1`` …; co-distillation);

@@ -52,6 +52,10 @@ class Fml(Algorithm):
         peers = tuple(Slot(f"peer-{i}", arch=a) for i, a in enumerate(archs, start=2))
         return (Slot("local"), *peers, Slot("meme", shared=True, arch="meme"))
 
+    def solo_epochs(self, cfg: Config) -> int:
+        """``meme-epochs``: a stronger meme without more private training."""
+        return cfg.meme_epochs
+
     def warm_start(self, cfg: Config, private: Mapping[str, nn.Module],
                    received: Mapping[str, nn.Module]) -> None:
         """``private-init`` = ``meme``: the first private model starts as the meme it first

@@ -17,7 +17,7 @@ for P in payoff-fmnist-100-dir0.5 payoff-fmnist-100-dir1.0 payoff-fmnist-200-dir
 done
 # what hands the meme's strength to the client (issue #24, item 3), one seed, one preset each
 g payoff-fmnist-200-dir0.3 0 "fml-mix-warm"
-g payoff-fmnist-100-dir0.5 0 "fml-mix-warm fml-mix-m05"
+g payoff-fmnist-100-dir0.5 0 "fml-mix-warm fml-mix-m05 fml-mix-meme2"
 for S in 1 2; do
   for P in payoff-fmnist-100-dir0.5 payoff-fmnist-100-dir1.0 payoff-fmnist-200-dir0.3; do
     g "$P" "$S" "$FINAL"
