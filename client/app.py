@@ -145,8 +145,9 @@ def train(msg: Message, context: Context) -> Message:
         solo = algo.solo_epochs(cfg)
         if solo and algo.shared is not None:  # the meme alone, the private models frozen
             name = algo.shared.name
-            train_epochs(models, {name: optimizers[name]}, algo, x, y,
-                         replace(hp, epochs=solo, mix=None), gen, device)
+            alone = train_epochs(models, {name: optimizers[name]}, algo, x, y,
+                                 replace(hp, epochs=solo, mix=None), gen, device)
+            stats = replace(stats, skipped_steps=stats.skipped_steps + alone.skipped_steps)
     with step("train.models-out"):
         if priv is not None:
             priv.mix = stats.mix if stats.mix is not None else priv.mix

@@ -280,6 +280,13 @@ def _load(run_config: Mapping[str, Any]) -> Config:
         raise ConfigError(f"run-config keys 'server-lr' = {cfg.server_lr} and "
                           f"'server-momentum' = {cfg.server_momentum} step the meme, but "
                           f"algorithm {cfg.algorithm.value!r} has none: expected 1 and 0")
+    if ((cfg.server_lr != 1.0 or cfg.server_momentum != 0.0)
+            and cfg.compression_down is not DownCompression.NONE):
+        raise ConfigError(f"run-config keys 'server-momentum' = {cfg.server_momentum} (or "
+                          f"'server-lr' = {cfg.server_lr}) and 'compression-down' = "
+                          f"{cfg.compression_down.value!r} cannot be combined: the velocity "
+                          "would accumulate the downlink's rounding every round; expected "
+                          "compression-down 'none'")
     if cfg.private_peers > 1 and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-peers' = {cfg.private_peers} trains "
                           f"private peers by mutual learning, but algorithm "

@@ -225,7 +225,9 @@ SCHEMA: tuple[Key, ...] = (
         "`tuned_accuracy`)"),
     Key("meme-epochs", int, 0, M, "`fml`: after the `local-epochs` of mutual learning, the "
         "meme trains this many more epochs of its own loss, the private models teaching "
-        "frozen: a stronger meme to send up without more private training", *_ints(0, 100)),
+        "frozen: a stronger meme to send up without more private training (the reply's train "
+        "loss and accuracy are the mutual epochs'; its skipped steps count both)",
+        *_ints(0, 100)),
     Key("private-init", PrivateInit, PrivateInit.RANDOM, M,
         "`fml`: how the private model starts: `random` (its own seeded initialisation) or "
         "`meme`, a copy of the first meme the client receives where the two architectures "

@@ -32,7 +32,8 @@ def momentum_step(sent: Mapping[str, np.ndarray], aggregate: Mapping[str, np.nda
         ref = np.asarray(sent[k], dtype=np.float64)
         v = momentum * velocity[k] if k in velocity else 0.0
         new_velocity[k] = v + (ref - agg.astype(np.float64))
-        meme[k] = (ref - lr * new_velocity[k]).astype(agg.dtype)
+        with np.errstate(over="ignore"):  # an overflow is an Inf the release refuses
+            meme[k] = (ref - lr * new_velocity[k]).astype(agg.dtype)
     return meme, new_velocity
 
 
@@ -49,14 +50,18 @@ class ServerMomentum:
         """Whether it changes anything: with lr 1 and no momentum the aggregate is the meme."""
         return self.lr != 1.0 or self.momentum != 0.0
 
-    def step(self, sent: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray],
-             ) -> State:
-        """The meme to publish after a round whose aggregate is ``aggregate``."""
+    def propose(self, sent: Mapping[str, np.ndarray], aggregate: Mapping[str, np.ndarray],
+                ) -> tuple[State, State]:
+        """(the meme to publish after a round whose aggregate is ``aggregate``, the velocity
+        to :meth:`commit` once that meme is released): a round that is not released leaves
+        the velocity as it was."""
         if not self.active:
-            return dict(aggregate)
-        meme, self.velocity = momentum_step(sent, aggregate, self.velocity, self.lr,
-                                            self.momentum)
-        return meme
+            return dict(aggregate), self.velocity
+        return momentum_step(sent, aggregate, self.velocity, self.lr, self.momentum)
+
+    def commit(self, velocity: State) -> None:
+        """Keep the velocity of a released round."""
+        self.velocity = velocity
 
     def state(self) -> dict[str, torch.Tensor]:
         """The velocity as tensors (``torch.load(..., weights_only=True)`` reads them)."""

@@ -240,8 +240,8 @@ class MemeStrategy(FedAvg):
                 ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record the round's accepted replies and return the meme it publishes (in the
         template's dtypes), after the server's momentum step (:mod:`server.momentum`); with
-        no accepted reply, or an aggregate that is not finite, the meme stays as it was
-        (the velocity too) and the record says why."""
+        no accepted reply, or a result that is not finite, the meme stays as it was (the
+        velocity too) and the record says why."""
         if not collected.contents:
             log(WARNING, "no valid update this round: the meme stays as it was")
             self.run_log.set(skipped=True)
@@ -255,14 +255,15 @@ class MemeStrategy(FedAvg):
             return None, metrics
         cast = as_dtypes({k: meme[k] for k in self.template},
                          {k: dtype for k, (_, dtype) in self.template.items()})
+        cast, velocity = self.momentum.propose(collected.reference, cast)
         broken = [k for k, v in cast.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
         if broken:
-            reason = f"the aggregate's '{broken[0]}' is not finite: the meme stays as it was"
+            reason = f"the round's meme '{broken[0]}' is not finite: the meme stays as it was"
             log(WARNING, "round not released: %s", reason)
             self.run_log.set(skipped=True)
             self.run_log.reject("aggregate", -1, None, reason)
             return None, metrics
-        cast = self.momentum.step(collected.reference, cast)
+        self.momentum.commit(velocity)
         return ArrayRecord({k: Array(v) for k, v in cast.items()}), metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],

@@ -75,7 +75,9 @@ def test_fml_private_init_meme_copies_the_meme_into_the_first_private_model_only
     get("fml").warm_start(cfg, {"local": first, "peer-2": peer}, {"meme": meme})
     np.testing.assert_array_equal(first.weight.detach().numpy(), W_GLOBAL)
     np.testing.assert_array_equal(first.bias.detach().numpy(), B_GLOBAL)
-    assert first.weight is not meme.weight
+    with torch.no_grad():
+        meme.weight.add_(1.0)  # a copy, not the meme's own tensors
+    np.testing.assert_array_equal(first.weight.detach().numpy(), W_GLOBAL)
     np.testing.assert_array_equal(peer.weight.detach().numpy(), W_LOCAL)  # its own start
     untouched = _linear(W_LOCAL, B_LOCAL)  # private-init random: no copy
     get("fml").warm_start(load_config({"algorithm": "fml"}), {"local": untouched},

@@ -244,7 +244,10 @@ def test_a_held_out_validation_slice_never_trains():
 def test_private_init_meme_starts_the_private_model_as_the_first_meme_only():
     # α = β = 1: no distillation, so a private model that starts as the meme trains exactly
     # like it on the same batches and ends equal to the meme the client sends up
-    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme"}
+    # no SGD momentum: the private optimizer's round-1 buffers would tell a re-warmed
+    # private model apart from the fresh meme's anyway
+    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme",
+           "momentum": 0.0}
     ctx = make_context(run)
     reply = client_app.train(_train_message(_meme_state(0)), ctx)
     kept = _stored(ctx)
@@ -273,9 +276,10 @@ def test_private_init_meme_leaves_a_private_model_of_another_architecture_alone(
 
 
 def test_meme_epochs_train_the_meme_alone_after_the_joint_epochs():
-    # α = β = 1 and private-init meme: both models start equal and learn from the labels
-    # only, so one joint epoch plus one meme epoch must give the meme of two joint epochs
-    # (the same shuffles, the same optimizer) and leave the private model at one epoch's
+    # α = β = 1: both models learn from the labels only, so one joint epoch plus one meme
+    # epoch must give the meme of two joint epochs (the same shuffles, the same optimizer)
+    # and leave the private model at one epoch's. (How a model without an optimizer
+    # teaches, frozen, is tests/test_codistill.py's.)
     run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme"}
 
     def sent_and_kept(**keys):

@@ -56,23 +56,30 @@ def test_the_strategy_publishes_the_momentum_step_of_its_aggregate(tmp_path):
     np.testing.assert_allclose(agg["w"].numpy(), np.full((2, 3), 2.5))
 
 
-def test_a_skipped_round_leaves_the_velocity_alone(tmp_path):
-    strat, _ = _strategy(tmp_path, **{"server-momentum": 0.5, "min-clients": 1})
+def test_a_round_not_released_leaves_the_velocity_alone(tmp_path):
+    strat, _ = _strategy(tmp_path, **{"server-lr": 10.0, "server-momentum": 0.5,
+                                      "min-clients": 1})
     _sent(strat, 2.0)
-    strat.aggregate_train(1, [_reply(1, _good(1.0))])
+    got = strat.collect(1, [_reply(1, _good(1.0))])
+    strat.release(_good(1.0), got)  # released: v = 1 everywhere
     before = {k: v.copy() for k, v in strat.momentum.velocity.items()}
-    nan = {**_good(1.0), "w": np.full((2, 3), np.nan, np.float32)}
-    agg, _ = strat.aggregate_train(2, [_reply(1, nan)])
-    assert agg is None
-    assert before.keys() == strat.momentum.velocity.keys()
-    assert all(np.array_equal(before[k], strat.momentum.velocity[k]) for k in before)
+    np.testing.assert_array_equal(before["w"], np.ones((2, 3)))
+    for aggregate in ({**_good(1.0), "w": np.full((2, 3), np.nan, np.float32)},  # NaN in
+                      {**_good(1.0), "w": np.full((2, 3), -3e38, np.float32)}):  # overflows
+        arrays, _ = strat.release(aggregate, got)
+        assert arrays is None
+        assert all(np.array_equal(before[k], strat.momentum.velocity[k]) for k in before)
+    arrays, _ = strat.release(_good(1.0), got)  # released again: v = 0.5·1 + 1
+    np.testing.assert_array_equal(strat.momentum.velocity["w"], np.full((2, 3), 1.5))
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full((2, 3), 2.0 - 10 * 1.5))
 
 
 def test_the_velocity_survives_a_checkpoint_and_a_misfit_is_refused(tmp_path):
     cfg = load_config({"dataset": "digits", "server-momentum": 0.9,
                        "output-dir": str(tmp_path), "run-name": "c"})
     sm = ServerMomentum(1.0, 0.9)
-    sm.step({"w": np.ones((2, 2), np.float32)}, {"w": np.zeros((2, 2), np.float32)})
+    sm.commit(sm.propose({"w": np.ones((2, 2), np.float32)},
+                         {"w": np.zeros((2, 2), np.float32)})[1])
     meme = {"w": torch.zeros(2, 2)}
     save_checkpoint(tmp_path, 1, meme, [{"round": 1}], cfg, {}, velocity=sm.state())
     back = ServerMomentum(1.0, 0.9)
@@ -104,3 +111,5 @@ def test_server_momentum_needs_a_meme_and_a_range():
         load_config({"server-momentum": 1.0})
     with pytest.raises(ConfigError, match=r"'server-lr'.*\(0, 10\]"):
         load_config({"server-lr": 0.0})
+    with pytest.raises(ConfigError, match="'server-momentum' = 0.5.*'compression-down'"):
+        load_config({"server-momentum": 0.5, "compression-down": "fp16"})

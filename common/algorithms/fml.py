@@ -65,9 +65,16 @@ class Fml(Algorithm):
 
         if cfg.private_init is not PrivateInit.MEME:
             return
+        from logging import WARNING
+
+        from flwr.supercore import log
+
         own, meme = private["local"].state_dict(), received["meme"].state_dict()
         if own.keys() == meme.keys() and all(own[k].shape == meme[k].shape for k in own):
             private["local"].load_state_dict(meme)
+        else:
+            log(WARNING, "private-init = 'meme': this node's private model is not the meme's "
+                "architecture, so it keeps its own initialisation")
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
         return _Batches(hp.mix, y)
