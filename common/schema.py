@@ -286,7 +286,8 @@ SCHEMA: tuple[Key, ...] = (
         "the aggregate itself", _in(0, 10, lo_open=True), "a number in (0, 10]"),
     Key("server-momentum", float, 0.0, A, "μ of the server's velocity v <- μ·v + (w_sent - "
         "w_aggregate) (FedAvgM); applied after DP's noise and SecAgg+'s sum, kept in the "
-        "checkpoint; not with `compression-down` (the velocity would gather its rounding)", _in(0, 1, hi_open=True), "a number in [0, 1)"),
+        "checkpoint; not with `compression-down` (the velocity would gather its rounding)",
+        _in(0, 1, hi_open=True), "a number in [0, 1)"),
     Key("trimmed-mean-beta", float, 0.2, A, "`trimmed-mean`: share cut on each side",
         _in(0, 0.5, hi_open=True), "a number in [0, 0.5)"),
     Key("num-malicious", int, 1, A, "`krum`, `multi-krum`: clients tolerated",
