@@ -15,7 +15,7 @@ OUT=${1:-outputs/payoff}
 SEED0="fedavg-ft local fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix fml ditto fml-tuned fml-choice"
 FINAL="fedavg-ft local fml-mix-m05 fedavgm-ft fml ditto"
 g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
-g payoff-fmnist-100-dir0.5 0 "fedavgm-ft fml-mix-meme2 ${SEED0/ fedavgm-ft/}"
+g payoff-fmnist-100-dir0.5 0 "fedavgm-ft fedavg3-ft fml-mix-meme2 ${SEED0/ fedavgm-ft/}"
 for P in payoff-fmnist-100-dir1.0 payoff-fmnist-200-dir0.3; do
   g "$P" 0 "$SEED0"
 done
