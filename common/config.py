@@ -143,6 +143,12 @@ class Config:
         return parse_faults(self.faults)
 
     @property
+    def server_steps(self) -> bool:
+        """Whether the server steps the meme (``server-lr`` != 1 or ``server-momentum`` != 0)
+        instead of publishing the aggregate itself."""
+        return self.server_lr != 1.0 or self.server_momentum != 0.0
+
+    @property
     def distill(self) -> Distill:
         """The mutual-learning variant (the ``distill-*`` keys) for the loss."""
         return Distill(self.distill_weighting, self.distill_gate, self.distill_gate_threshold,
@@ -276,12 +282,11 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           f"FML's private model from the meme, but algorithm "
                           f"{cfg.algorithm.value!r} has its own start: expected 'random', or "
                           "algorithm 'fml'")
-    if (cfg.server_lr != 1.0 or cfg.server_momentum != 0.0) and not cfg.algorithm.trains_meme:
+    if cfg.server_steps and not cfg.algorithm.trains_meme:
         raise ConfigError(f"run-config keys 'server-lr' = {cfg.server_lr} and "
                           f"'server-momentum' = {cfg.server_momentum} step the meme, but "
                           f"algorithm {cfg.algorithm.value!r} has none: expected 1 and 0")
-    if ((cfg.server_lr != 1.0 or cfg.server_momentum != 0.0)
-            and cfg.compression_down is not DownCompression.NONE):
+    if cfg.server_steps and cfg.compression_down is not DownCompression.NONE:
         raise ConfigError(f"run-config keys 'server-momentum' = {cfg.server_momentum} (or "
                           f"'server-lr' = {cfg.server_lr}) and 'compression-down' = "
                           f"{cfg.compression_down.value!r} cannot be combined: the velocity "
