@@ -14,6 +14,11 @@ verdict, for the FML configuration named by ``--fml`` (an algorithm or a variant
 - the controls (every other preset): FML ≥ local − 0.2 points;
 - every preset: FML's meme ≥ FedAvg's global model on the central test set (FedAvg+FT's,
   the same model, where no ``fedavg`` run was made).
+
+It also ranks every FML configuration for the default (issue #24, item 4): by its mean gain
+over local across the presets, each preset weighing once (its gain the mean over its
+seeds), among those measured on every preset and losing to local on none (a data-scarce
+preset's gain ≥ 0, a control's ≥ −0.2 points).
 """
 
 from __future__ import annotations
@@ -74,7 +79,9 @@ def cells(runs: Runs) -> list[dict[str, Any]]:
         for algo in sorted(runs[preset], key=lambda a: order_key(a, runs[preset][a][0])):
             rs = runs[preset][algo]
             acc = by_seed(rs, algo)
-            rows.append({"preset": preset, "algorithm": algo, "accuracy": acc,
+            rows.append({"preset": preset, "algorithm": algo,
+                         "family": str(rs[0]["config"].get("algorithm", algo)),
+                         "accuracy": acc,
                          "gain": {s: acc[s] - local[s] for s in acc if s in local},
                          "central": by_seed(rs, algo, "central_meme_accuracy")})
     return rows
@@ -128,6 +135,57 @@ def targets(rows: list[dict[str, Any]], fml: str) -> list[tuple[str, str, bool |
     return out
 
 
+def floor(preset: str) -> float:
+    """The least gain over local that is not a loss there: 0 where clients have little
+    data, −0.2 points on a control (the issue's tolerance where training alone is at its
+    ceiling)."""
+    return 0.0 if preset.startswith(SCARCE) else -0.002
+
+
+def ranking(rows: list[dict[str, Any]], family: str = "fml") -> list[dict[str, Any]]:
+    """Every configuration of ``family`` (the algorithm its config names), best first: its
+    gain over local per preset (mean over that preset's seeds), their mean (each preset
+    weighs once, whatever its seeds), the number of seeds behind it, the presets with a
+    local run it was not run on (``missing``) and those where it falls below
+    :func:`floor` (``losing``); ``eligible`` as the default where both are empty. Eligible
+    ones rank first."""
+    presets = sorted({r["preset"] for r in rows if r["algorithm"] == "local"})
+    out = []
+    for algo in dict.fromkeys(r["algorithm"] for r in rows if r["family"] == family):
+        gains = {r["preset"]: statistics.mean(r["gain"].values()) for r in rows
+                 if r["algorithm"] == algo and r["gain"]}
+        if not gains:
+            continue
+        seeds = sum(len(r["gain"]) for r in rows if r["algorithm"] == algo)
+        missing = [p for p in presets if p not in gains]
+        losing = [p for p, g in gains.items() if g < floor(p)]
+        out.append({"algorithm": algo, "gains": gains, "seeds": seeds,
+                    "mean": statistics.mean(gains.values()), "missing": missing,
+                    "losing": losing, "eligible": not missing and not losing})
+    return sorted(out, key=lambda c: (not c["eligible"], -c["mean"]))
+
+
+def _verdict(c: dict[str, Any]) -> str:
+    if c["losing"]:
+        return "loses on " + ", ".join(c["losing"])
+    if c["missing"]:
+        return f"not run on {len(c['missing'])} preset(s)"
+    return "eligible"
+
+
+def ranking_table(ranked: list[dict[str, Any]]) -> str:
+    """The ranking as Markdown: gain per preset in points, its mean, eligibility."""
+    presets = sorted({p for c in ranked for p in c["gains"]})
+    lines = ["| configuration | " + " | ".join(presets) + " | mean gain | seeds | default? |",
+             "|---|" + "---|" * (len(presets) + 3)]
+    for c in ranked:
+        cols = [f"{100 * c['gains'][p]:+.2f}" if p in c["gains"] else "–" for p in presets]
+        lines.append(f"| {c['algorithm']} | " + " | ".join(cols)
+                     + f" | {100 * c['mean']:+.2f} | {c['seeds']} | "
+                     + _verdict(c) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def figure(rows: list[dict[str, Any]], path: Path) -> None:
     """Gain over local (points, mean ± std over seeds) per preset, one bar per algorithm."""
     plt = pyplot()
@@ -162,13 +220,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = cells(merged(a.roots))
     out = a.out or a.roots[0] / "map"
     out.mkdir(parents=True, exist_ok=True)
-    md = table(rows)
+    ranked = ranking(rows)
+    md = table(rows) + "\nFML's configurations, by mean gain over local across presets:\n\n" \
+        + ranking_table(ranked)
     (out / "map.md").write_text(md)
     figure(rows, out / "map.png")
     print(md)
     for preset, what, ok in targets(rows, a.fml):
         verdict = "met" if ok else "NOT met" if ok is not None else "not measured yet"
         print(f"{preset}: {what}: {verdict}")
+    best = next((c for c in ranked if c["eligible"]), None)
+    print(f"default by the map: {best['algorithm']} ({100 * best['mean']:+.2f} points, mean "
+          f"over presets)" if best else "default by the map: none is measured on every "
+          "preset without losing to local yet")
 
 
 if __name__ == "__main__":
