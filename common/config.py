@@ -70,6 +70,7 @@ class Config:
     distill_gate: DistillGate
     distill_gate_threshold: float
     distill_prior: DistillPrior
+    distill_hidden: float
     warmup_rounds: int
     private_peers: int
     peer_models: str
@@ -152,7 +153,7 @@ class Config:
     def distill(self) -> Distill:
         """The mutual-learning variant (the ``distill-*`` keys) for the loss."""
         return Distill(self.distill_weighting, self.distill_gate, self.distill_gate_threshold,
-                       self.distill_prior)
+                       self.distill_prior, self.distill_hidden)
 
     @property
     def codec(self) -> Codec:
@@ -277,6 +278,12 @@ def _load(run_config: Mapping[str, Any]) -> Config:
                           f"alone after the mutual epochs, but algorithm "
                           f"{cfg.algorithm.value!r} has no private teacher: expected 0, or "
                           "algorithm 'fml'")
+    if cfg.distill_hidden and (cfg.algorithm is not Algorithm.FML or cfg.torch_compile):
+        raise ConfigError(f"run-config key 'distill-hidden' = {cfg.distill_hidden} matches the "
+                          "private models' and the meme's features, read by hooks on eager "
+                          f"modules: expected 0, or algorithm 'fml' (here "
+                          f"{cfg.algorithm.value!r}) with torch-compile = false (here "
+                          f"{str(cfg.torch_compile).lower()})")
     if cfg.private_init is not PrivateInit.RANDOM and cfg.algorithm is not Algorithm.FML:
         raise ConfigError(f"run-config key 'private-init' = {cfg.private_init.value!r} starts "
                           f"FML's private model from the meme, but algorithm "

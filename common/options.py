@@ -187,3 +187,4 @@ class Distill:
     gate: DistillGate = DistillGate.NONE
     gate_threshold: float = 0.5
     prior: DistillPrior = DistillPrior.NONE
+    hidden: float = 0.0  # FedKD's hidden-state loss weight (common/hidden.py); 0: off

@@ -203,6 +203,12 @@ SCHEMA: tuple[Key, ...] = (
         "`client`: the meme teaches with its logits plus the log of the client's label "
         "prior (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022); `seen`: "
         "the meme renormalised over the client's own classes (FedRS, Li & Zhan 2021)"),
+    Key("distill-hidden", float, 0.0, M, "`fml`: γ of FedKD's hidden-state loss (Wu et al. "
+        "2022): each model also learns γ·MSE(h_self, h_other) / (CE_self + CE_other), h the "
+        "penultimate features (the input of its last linear layer), toward the other's "
+        "detached ones (only a model that distils: not at α or β = 1, nor in the warm-up); "
+        "every model needs one feature width; not with torch-compile. 0: off",
+        _non_negative, "a finite number >= 0"),
     Key("warmup-rounds", int, 0, M, "a private model's first k trainings learn from the "
         "labels only (the meme still distils from it)", *_ints(0)),
     Key("private-peers", int, 1, M, "`fml`: K private models per client (deep mutual "

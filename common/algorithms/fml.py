@@ -16,16 +16,19 @@ if TYPE_CHECKING:
     from torch import nn
 
     from common.config import Config
+    from common.hidden import FeatureTap
     from common.training import Hyper
 
 
 @dataclass
 class _Batches:
-    """What one update's batches share: the mixture weight and the label prior."""
+    """What one update's batches share: the mixture weight, the label prior and, with
+    ``distill-hidden``, the hooks that read the models' features."""
 
     mix: float | None
     labels: torch.Tensor  # the whole update's labels (the prior is the client's)
     log_prior: torch.Tensor | None = None
+    tap: FeatureTap | None = None
 
 
 class Fml(Algorithm):
@@ -77,7 +80,10 @@ class Fml(Algorithm):
                 "architecture, so it keeps its own initialisation")
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
-        return _Batches(hp.mix, y)
+        """``distill-hidden``: hooks on every model's classifier (removed in :meth:`end`)."""
+        from common.hidden import FeatureTap
+
+        return _Batches(hp.mix, y, tap=FeatureTap(models) if hp.distill.hidden else None)
 
     def losses(self, out: Mapping[str, torch.Tensor], y: torch.Tensor, hp: Hyper,
                state: _Batches) -> dict[str, torch.Tensor]:
@@ -96,10 +102,20 @@ class Fml(Algorithm):
             state.log_prior = (label_log_prior(state.labels, out_m.shape[1])
                                if prior is DistillPrior.CLIENT
                                else seen_log_mask(state.labels, out_m.shape[1]))
-        return peer_losses(dict(out), y, hp.alpha, hp.beta, hp.temperature, hp.distill,
-                           state.log_prior)
+        losses = peer_losses(dict(out), y, hp.alpha, hp.beta, hp.temperature, hp.distill,
+                             state.log_prior)
+        if state.tap is not None:  # FedKD's hidden-state loss, for each model that distils
+            from common.hidden import hidden_terms
+
+            students = [k for k in out if (hp.beta if k == "meme" else hp.alpha) < 1]
+            terms = hidden_terms(state.tap.features, out, y, hp.distill.hidden, students)
+            for k, term in terms.items():
+                losses[k] = losses[k] + term
+        return losses
 
     def end(self, state: _Batches) -> float | None:
+        if state.tap is not None:
+            state.tap.close()
         return state.mix
 
     def holdout(self, cfg: Config) -> float:

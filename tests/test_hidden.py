@@ -1,0 +1,133 @@
+"""Feature-level distillation (``distill-hidden``, FedKD's hidden-state loss): the loss by
+hand, the hooks that read the features, FML's losses with it, and its config checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common.algorithms import get
+from common.config import ConfigError, load_config
+from common.hidden import FeatureTap, classifier, hidden_loss
+from common.models import TaskSpec, build_model
+from common.mutual import mutual_losses
+from common.options import Distill, DistillWeighting
+from common.training import Hyper, train_epochs
+
+
+def test_hidden_loss_is_the_mse_over_both_ces_and_moves_only_the_student():
+    student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.0], [0.0, 2.0]], requires_grad=True)
+    loss = hidden_loss(student, teacher, torch.tensor(0.5), torch.tensor(1.0))
+    # squared differences 1, 4, 0, 4: mean 2.25, over CE 0.5 + 1.0
+    assert loss.item() == pytest.approx(1.5)
+    loss.backward()
+    # d/dh_s = 2·(h_s - h_t) / 4 / 1.5
+    np.testing.assert_allclose(student.grad.numpy(), [[1 / 3, 2 / 3], [0.0, -2 / 3]],
+                               rtol=1e-6)
+    assert teacher.grad is None
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "cnn", "mlp", "cnn-bn"])
+def test_the_tap_reads_what_the_classifier_reads_and_closes_cleanly(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, TaskSpec(1, 28, 10))
+    tap = FeatureTap({"local": model})
+    x = torch.randn(5, 1, 28, 28)
+    model.eval()
+    logits = model(x)
+    h = tap.features["local"]
+    head = classifier(model)
+    assert h.shape == (5, head.in_features)
+    torch.testing.assert_close(head(h), logits)  # the classifier's input, whole
+    tap.close()
+    assert not head._forward_pre_hooks
+    model(x)
+    assert tap.features == {}  # closed: nothing is read any more
+
+
+def test_models_of_two_feature_widths_are_refused_naming_the_key_and_widths():
+    spec = TaskSpec(1, 28, 10)
+    lenet, cnn = build_model("lenet5", spec), build_model("cnn", spec)
+    w_lenet, w_cnn = classifier(lenet).in_features, classifier(cnn).in_features
+    assert w_lenet != w_cnn
+    with pytest.raises(ConfigError, match="distill-hidden") as err:
+        FeatureTap({"local": lenet, "meme": cnn})
+    assert f"local: {w_lenet}" in str(err.value) and f"meme: {w_cnn}" in str(err.value)
+    assert not classifier(lenet)._forward_pre_hooks  # nothing left registered
+
+
+def _two_layer(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+
+
+def _by_hand(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor):
+    """Penultimate features and CE, computed from the weights directly."""
+    w1, b1 = model[0].weight.detach(), model[0].bias.detach()
+    h = (x @ w1.T + b1).clamp_min(0)
+    logits = h @ model[2].weight.detach().T + model[2].bias.detach()
+    ce = -(logits - logits.exp().sum(1, keepdim=True).log())[torch.arange(len(y)), y].mean()
+    return h, ce
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_fml_adds_gamma_times_the_hidden_loss_to_each_model_that_distils(alpha):
+    local, meme = _two_layer(1), _two_layer(2)
+    x, y = torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), \
+        torch.tensor([0, 1, 1, 0, 1, 0])
+    hp = Hyper(alpha=alpha, beta=0.5,
+               distill=Distill(weighting=DistillWeighting.ADDITIVE, hidden=0.7))
+    fml = get("fml")
+    state = fml.begin({"local": local, "meme": meme}, y, hp)
+    out = {"local": local(x), "meme": meme(x)}
+    losses = fml.losses(out, y, hp, state)
+    fml.end(state)
+    base_l, base_m = mutual_losses(out["local"], out["meme"], y, alpha, 0.5,
+                                   distill=Distill(weighting=DistillWeighting.ADDITIVE))
+    (h_l, ce_l), (h_m, ce_m) = _by_hand(local, x, y), _by_hand(meme, x, y)
+    term = 0.7 * ((h_l - h_m) ** 2).mean() / (ce_l + ce_m)
+    assert term.item() > 1e-3  # the check below is not vacuous
+    expected_local = base_l.item() + (term.item() if alpha < 1 else 0.0)
+    assert losses["local"].item() == pytest.approx(expected_local, rel=1e-5)
+    assert losses["meme"].item() == pytest.approx(base_m.item() + term.item(), rel=1e-5)
+    losses["local"].backward()
+    assert all(p.grad is None for p in meme.parameters())  # the teacher is detached
+    assert not classifier(local)._forward_pre_hooks  # end() removed the hooks
+
+
+def test_training_with_the_hidden_loss_draws_the_two_models_features_together():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def feature_gap(gamma: float) -> float:
+        local, meme = _two_layer(1), _two_layer(2)
+        models = {"local": local, "meme": meme}
+        opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in models.items()}
+        hp = Hyper(alpha=0.5, beta=0.5, epochs=20, batch_size=16,
+                   distill=Distill(weighting=DistillWeighting.ADDITIVE, hidden=gamma))
+        train_epochs(models, opts, get("fml"), x, y, hp, torch.Generator().manual_seed(0),
+                     torch.device("cpu"))
+        assert not classifier(local)._forward_pre_hooks
+        return F.mse_loss(_by_hand(local, x, y)[0], _by_hand(meme, x, y)[0]).item()
+
+    assert feature_gap(5.0) < 0.5 * feature_gap(0.0)
+
+
+@pytest.mark.parametrize("extra, names", [
+    ({"distill-hidden": -0.1}, "distill-hidden"),
+    ({"distill-hidden": 1.0, "algorithm": "fedavg"}, "'fedavg'"),
+    ({"distill-hidden": 1.0, "torch-compile": True}, "torch-compile = false"),
+])
+def test_distill_hidden_config_errors_name_the_key(extra, names):
+    with pytest.raises(ConfigError, match="distill-hidden") as err:
+        load_config(extra)
+    assert names in str(err.value)
+
+
+def test_distill_hidden_reaches_the_loss_through_the_config():
+    cfg = load_config({"algorithm": "fml", "distill-hidden": 0.25})
+    assert cfg.distill.hidden == 0.25
