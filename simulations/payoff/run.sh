@@ -8,17 +8,18 @@ set -u
 cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/payoff}
 # FedAvg+FT trains exactly as FedAvg (fine-tuning touches a copy), so its global model is
-# FedAvg's. First the fair baseline of the best FML cell so far (fedavgm-ft: FedAvg+FT with
-# fml-mix-m05's server momentum) and the last variant of item 3 on the first preset, then
-# every algorithm and variant on seed 0 of the other presets, then seeds 1-2 of the
-# finalists, then the 20-client controls
-SEED0="fedavg-ft local fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix fml ditto fml-tuned fml-choice"
-FINAL="fedavg-ft local fml-mix-m05 fedavgm-ft fml ditto"
+# FedAvg's. Order: on the first preset, the variants still unmeasured and Ditto; then the
+# finalist (fml-mix-meme2), its fair baseline (fedavg3-ft: as many epochs for the shared
+# model) and the map's baselines on seed 0 of the other presets and of one control; then
+# seeds 1-2; then the rest of the controls
+SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix-meme2-hid"
+FINAL="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml"
+CONTROL="fml-mix-meme2 fedavg-ft fedavg3-ft ditto"
 g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
-g payoff-fmnist-100-dir0.5 0 "fedavgm-ft fedavg3-ft fml-mix-meme2 ${SEED0/ fedavgm-ft/}"
-for P in payoff-fmnist-100-dir1.0 payoff-fmnist-200-dir0.3; do
-  g "$P" 0 "$SEED0"
-done
+g payoff-fmnist-100-dir0.5 0 "fedavg3-ft fml-mix-meme2-hid ditto fml fedavgm-ft"
+g payoff-fmnist-100-dir1.0 0 "$SEED0"
+g leaderboard-fmnist-dir0.1 0 "$CONTROL"
+g payoff-fmnist-200-dir0.3 0 "$SEED0"
 for S in 1 2; do
   for P in payoff-fmnist-100-dir0.5 payoff-fmnist-100-dir1.0 payoff-fmnist-200-dir0.3; do
     g "$P" "$S" "$FINAL"
@@ -27,6 +28,6 @@ done
 # the controls, where training alone is at its ceiling (20 rounds, the leaderboard protocol)
 for S in 0 1 2; do
   for P in leaderboard-fmnist-dir0.1 leaderboard-fmnist-pathological; do
-    g "$P" "$S" "fedavg-ft ditto fml-mix-m05"
+    g "$P" "$S" "$CONTROL"
   done
 done
