@@ -340,6 +340,14 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     # FedAvg+FT's global model (0.81) stands in for FedAvg's: 0.80 falls short
     assert f"{control}: fml-mix's meme >= fedavg's global model (central): NOT met" in out
     assert (tmp_path / "map" / "map.png").exists()
+    _fake_run(tmp_path, scarce, "fedavg3-ft", 0, 0.86, central=0.76, algorithm="fedavg-ft")
+    main([str(tmp_path), "--fml", "fml-mix"])
+    out = capsys.readouterr().out
+    # fair baseline, seed 0 only: fml-mix 0.865 >= 0.86, its meme 0.75 < 0.76
+    assert f"{scarce}: fml-mix >= fedavg3-ft (fair baseline): met" in out
+    assert (f"{scarce}: fml-mix's meme >= fedavg3-ft's global model (central; fair "
+            "baseline): NOT met") in out
+    assert "fedavg-ft (fair baseline)" not in out  # the plain one is a target, not this
     _fake_run(tmp_path, control, "fml", 0, 0.94, central=0.8)  # a point behind local
     main([str(tmp_path), "--fml", "fml"])
     out = capsys.readouterr().out
