@@ -16,7 +16,7 @@ SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml fml-mix-m05 fedavgm-ft
 FINAL="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml"
 CONTROL="fml-mix-meme2 fedavg-ft fedavg3-ft ditto"
 g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
-g payoff-fmnist-100-dir0.5 0 "fedavg3-ft fml-mix-meme2-hid ditto fml fedavgm-ft"
+g payoff-fmnist-100-dir0.5 0 "fedavg3-ft fml-mix-meme2-hid fml-tuned-meme2 ditto fml fedavgm-ft"
 g payoff-fmnist-100-dir1.0 0 "$SEED0"
 g leaderboard-fmnist-dir0.1 0 "$CONTROL"
 g payoff-fmnist-200-dir0.3 0 "$SEED0"
