@@ -176,9 +176,14 @@ class Config:
         is the node's ``local-model``)."""
         return tuple(n.strip() for n in self.peer_models.split(",") if n.strip())
 
+    @property
+    def local_model_names(self) -> tuple[str, ...]:
+        """``local-models`` parsed (empty: ``local-model`` everywhere)."""
+        return tuple(n.strip() for n in self.local_models.split(",") if n.strip())
+
     def local_model_for(self, partition_id: int | None) -> str:
         """The private model's architecture: ``local-models`` cycled by partition id."""
-        names = [n.strip() for n in self.local_models.split(",") if n.strip()]
+        names = self.local_model_names
         if names and partition_id is not None:
             return names[partition_id % len(names)]
         return self.local_model

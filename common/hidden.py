@@ -1,5 +1,5 @@
 """Feature-level distillation (``distill-hidden``): FedKD's hidden-state loss (Wu et al.
-2022) between the private model and the meme, beside the logits' KL.
+2022) among FML's models (the private model, peers 2…K, the meme), beside the logits' KL.
 
 Why: the logits carry one number per class per image; on a client's few hundred images that
 is all a private model learns from the meme. The penultimate features (what the classifier
@@ -11,13 +11,14 @@ takes part unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import ConfigError
+from common.models import TaskSpec, build_model
 
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, ce_student: torch.Tensor,
@@ -44,6 +45,22 @@ def classifier(model: nn.Module) -> nn.Linear:
     return last
 
 
+def _refuse_widths(widths: Mapping[str, int]) -> None:
+    if len(set(widths.values())) > 1:
+        raise ConfigError("run-config key 'distill-hidden' matches penultimate features, "
+                          "which need one width in every model; here "
+                          + ", ".join(f"{k}: {w}" for k, w in widths.items())
+                          + ": expected 0, or models of one feature width")
+
+
+def check_widths(architectures: Iterable[str], spec: TaskSpec) -> None:
+    """Refuse, before any round, architectures of different feature widths (the server
+    checks what the run config names: ``meme-model``, ``local-model``, ``local-models``,
+    ``peer-models``; a node's own ``local-model`` is checked when it first trains)."""
+    _refuse_widths({name: classifier(build_model(name, spec)).in_features
+                    for name in dict.fromkeys(architectures)})
+
+
 class FeatureTap:
     """The penultimate features of each model's latest forward pass, by slot name.
 
@@ -54,12 +71,7 @@ class FeatureTap:
 
     def __init__(self, models: Mapping[str, nn.Module]) -> None:
         heads = {k: classifier(m) for k, m in models.items()}
-        widths = {k: h.in_features for k, h in heads.items()}
-        if len(set(widths.values())) > 1:
-            raise ConfigError("run-config key 'distill-hidden' matches penultimate features, "
-                              "which need one width in every model; here "
-                              + ", ".join(f"{k}: {w}" for k, w in widths.items())
-                              + ": expected 0, or models of one feature width")
+        _refuse_widths({k: h.in_features for k, h in heads.items()})
         self.features: dict[str, torch.Tensor] = {}
         self._handles = [h.register_forward_pre_hook(self._hook(k)) for k, h in heads.items()]
 
@@ -80,9 +92,10 @@ def hidden_terms(features: Mapping[str, torch.Tensor], logits: Mapping[str, torc
                  y: torch.Tensor, weight: float, students: Sequence[str],
                  ) -> dict[str, torch.Tensor]:
     """Per student s: weight · mean over the other models t of :func:`hidden_loss`
-    (h_s, h_t). Only ``students`` learn (FML passes the models whose α or β is below 1, so
-    the warm-up and α = β = 1 stay plain training); a model whose features or logits are not
-    finite is nobody's teacher (as in the KL)."""
+    (h_s, h_t). Only ``students`` learn (FML passes the models whose α or β is below 1: a
+    private model in its warm-up, or any model at α or β = 1, gets no hidden term, as it
+    gets no KL); a model whose features or logits are not finite is nobody's teacher (as in
+    the KL)."""
     ce = {k: F.cross_entropy(v, y) for k, v in logits.items()}
     finite = {k: bool(features[k].isfinite().all()) and bool(logits[k].isfinite().all())
               for k in features}

@@ -89,35 +89,38 @@ def train_epochs(
     correct = dict.fromkeys(models, 0)
     trained: set[str] = set()
     n_seen = skipped = 0
-    for _ in range(hp.epochs):
-        order = torch.randperm(len(y), generator=generator).to(device)
-        for start in range(0, len(y), hp.batch_size):
-            batch = order[start:start + hp.batch_size]
-            xb, yb = x[batch], y[batch]
-            with _autocast(device, hp.autocast):
-                out = {k: f(xb) for k, f in forward.items()}
-            if hp.autocast is not None:  # the losses and their softmaxes in float32
-                out = {k: v.float() for k, v in out.items()}
-            for key, loss in algorithm.losses(out, yb, hp, state).items():
-                if key not in optimizers:  # a frozen teacher never trains
-                    continue
-                trained.add(key)
-                if not bool(loss.isfinite()):  # never step on a NaN/Inf loss
-                    skipped += 1
-                    continue
-                opt = optimizers[key]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                loss_sum[key] += loss.item() * len(yb)
-                loss_n[key] += len(yb)
-            for key, logits in out.items():
-                correct[key] += (logits.argmax(1) == yb).sum().item()
-            n_seen += len(yb)
+    try:
+        for _ in range(hp.epochs):
+            order = torch.randperm(len(y), generator=generator).to(device)
+            for start in range(0, len(y), hp.batch_size):
+                batch = order[start:start + hp.batch_size]
+                xb, yb = x[batch], y[batch]
+                with _autocast(device, hp.autocast):
+                    out = {k: f(xb) for k, f in forward.items()}
+                if hp.autocast is not None:  # the losses and their softmaxes in float32
+                    out = {k: v.float() for k, v in out.items()}
+                for key, loss in algorithm.losses(out, yb, hp, state).items():
+                    if key not in optimizers:  # a frozen teacher never trains
+                        continue
+                    trained.add(key)
+                    if not bool(loss.isfinite()):  # never step on a NaN/Inf loss
+                        skipped += 1
+                        continue
+                    opt = optimizers[key]
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    loss_sum[key] += loss.item() * len(yb)
+                    loss_n[key] += len(yb)
+                for key, logits in out.items():
+                    correct[key] += (logits.argmax(1) == yb).sum().item()
+                n_seen += len(yb)
+    finally:  # the algorithm's hooks come off even when a step raises
+        extra = algorithm.end(state)
     losses = {k: loss_sum[k] / loss_n[k] if loss_n[k] else float("nan")
               for k in models if k in trained}
     accuracies = {k: correct[k] / n_seen if n_seen else float("nan") for k in models}
-    return TrainStats(len(y), losses, accuracies, skipped, algorithm.end(state))
+    return TrainStats(len(y), losses, accuracies, skipped, extra)
 
 
 def _frozen(model: nn.Module):

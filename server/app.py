@@ -15,6 +15,7 @@ from torch import nn
 
 from common.config import Config, ConfigError, load_config
 from common.data import central_test_set, dataset_spec
+from common.hidden import check_widths
 from common.models import TaskSpec, build_model
 from common.records import load_into, to_record
 from common.runtime import derive_seed, resolve_device, seed_everything
@@ -140,6 +141,9 @@ def main(grid: Grid, context: Context) -> None:
         clients.restore_bindings(ckpt.strategy.get("bindings", {}))
     try:
         spec = _task_spec(cfg, clients, grid)
+        if cfg.distill_hidden:  # one feature width, refused before any round
+            check_widths((cfg.meme_model, *(cfg.local_model_names or (cfg.local_model,)),
+                          *cfg.peer_archs), spec)
         torch.manual_seed(derive_seed(cfg.seed, "meme-init"))
         meme = build_model(cfg.meme_model, spec)
         done = 0

@@ -159,7 +159,8 @@ def ranking(rows: list[dict[str, Any]], family: str = "fml") -> list[dict[str, A
     """Every configuration of ``family`` (the algorithm its config names), best first: its
     gain over local per preset (mean over that preset's seeds), their mean (each preset
     weighs once, whatever its seeds), the number of seeds behind it, the presets with a
-    local run it was not run on (``missing``) and those where it falls below
+    local run where it has no run on a seed local also ran (``missing``) and those where it
+    falls below
     :func:`floor` (``losing``); ``eligible`` as the default where both are empty. Eligible
     ones rank first."""
     presets = sorted({r["preset"] for r in rows if r["algorithm"] == "local"})
@@ -182,7 +183,7 @@ def _verdict(c: dict[str, Any]) -> str:
     if c["losing"]:
         return "loses on " + ", ".join(c["losing"])
     if c["missing"]:
-        return f"not run on {len(c['missing'])} preset(s)"
+        return f"not measured on {len(c['missing'])} preset(s)"
     return "eligible"
 
 

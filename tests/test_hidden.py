@@ -11,7 +11,7 @@ from torch import nn
 
 from common.algorithms import get
 from common.config import ConfigError, load_config
-from common.hidden import FeatureTap, classifier, hidden_loss
+from common.hidden import FeatureTap, check_widths, classifier, hidden_loss
 from common.models import TaskSpec, build_model
 from common.mutual import mutual_losses
 from common.options import Distill, DistillWeighting
@@ -131,3 +131,53 @@ def test_distill_hidden_config_errors_name_the_key(extra, names):
 def test_distill_hidden_reaches_the_loss_through_the_config():
     cfg = load_config({"algorithm": "fml", "distill-hidden": 0.25})
     assert cfg.distill.hidden == 0.25
+
+
+def test_a_frozen_teacher_lends_its_features_and_stays_as_it_was():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+
+    def run(gamma: float) -> tuple[float, bool]:
+        private, meme = _two_layer(1), _two_layer(2)
+        before = [p.detach().clone() for p in private.parameters()]
+        hp = Hyper(alpha=0.5, beta=0.5, epochs=20, batch_size=16,
+                   distill=Distill(weighting=DistillWeighting.ADDITIVE, hidden=gamma))
+        train_epochs({"local": private, "meme": meme},
+                     {"meme": torch.optim.SGD(meme.parameters(), lr=0.1)}, get("fml"), x, y,
+                     hp, torch.Generator().manual_seed(0), torch.device("cpu"))
+        unchanged = all(torch.equal(b, p) for b, p in zip(before, private.parameters(),
+                                                           strict=True))
+        assert not classifier(private)._forward_pre_hooks
+        assert not classifier(meme)._forward_pre_hooks
+        gap = F.mse_loss(_by_hand(meme, x, y)[0], _by_hand(private, x, y)[0]).item()
+        return gap, unchanged
+
+    (gap_on, frozen_on), (gap_off, frozen_off) = run(5.0), run(0.0)
+    assert frozen_on and frozen_off
+    assert gap_on < 0.5 * gap_off  # the meme moved toward the frozen private features
+
+
+def test_the_hooks_come_off_when_a_step_raises():
+    local, meme = _two_layer(1), _two_layer(2)
+    x, y = torch.randn(8, 3), torch.full((8,), 5)  # label 5 of 2 classes: CE raises
+    hp = Hyper(alpha=0.5, beta=0.5, distill=Distill(hidden=1.0))
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.1) for k, m in
+            {"local": local, "meme": meme}.items()}
+    with pytest.raises((IndexError, RuntimeError)):
+        train_epochs({"local": local, "meme": meme}, opts, get("fml"), x, y, hp,
+                     torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert not classifier(local)._forward_pre_hooks
+    assert not classifier(meme)._forward_pre_hooks
+
+
+@pytest.mark.parametrize("archs", [("lenet5", "cnn"), ("cnn", "cnn-bn", "cnn"),
+                                   ("mlp", "cnn")])
+def test_the_server_refuses_architectures_of_two_feature_widths_before_any_round(archs):
+    spec = TaskSpec(1, 28, 10)
+    widths = {a: classifier(build_model(a, spec)).in_features for a in archs}
+    if len(set(widths.values())) > 1:
+        with pytest.raises(ConfigError, match="distill-hidden") as err:
+            check_widths(archs, spec)
+        assert all(f"{a}: {w}" in str(err.value) for a, w in widths.items())
+    else:
+        check_widths(archs, spec)  # one width: accepted

@@ -364,20 +364,24 @@ def test_payoff_ranking_weighs_presets_once_and_refuses_a_loss_or_a_gap(tmp_path
         _fake_run(tmp_path, scarce, "fml-a", seed, 0.86, algorithm="fml")  # +6, +4
     _fake_run(tmp_path, scarce, "fml-b", 0, 0.90, algorithm="fml")  # +10
     _fake_run(tmp_path, scarce, "fml-c", 0, 0.84, algorithm="fml")  # +4, no control run
-    _fake_run(tmp_path, scarce, "fedavg-ft", 0, 0.95)  # not FML: never the default
+    _fake_run(tmp_path, scarce, "fml-d", 0, 0.799, algorithm="fml")  # -0.1 where data is scarce
+    _fake_run(tmp_path, scarce, "fedavg-ft", 0, 0.95)  # not FML: never the default,
+    _fake_run(tmp_path, control, "fedavg-ft", 0, 0.96)  # though it gains most everywhere
     _fake_run(tmp_path, control, "local", 0, 0.95)
     _fake_run(tmp_path, control, "fml-a", 0, 0.949, algorithm="fml")  # -0.1: within 0.2
     _fake_run(tmp_path, control, "fml-b", 0, 0.945, algorithm="fml")  # -0.5: a loss
+    _fake_run(tmp_path, control, "fml-d", 0, 0.95, algorithm="fml")  # level
     main([str(tmp_path)])
     out = capsys.readouterr().out
     ranked = [ln.split("|")[1:-1] for ln in
               (tmp_path / "map" / "map.md").read_text().split("across presets:")[1].splitlines()
-              if ln.startswith("| fml")]
+              if ln.startswith("| ")][1:]  # below the header
     # columns: configuration, control's gain, scarce's gain, mean, seeds, verdict
     assert [[c.strip() for c in r] for r in ranked] == [
         ["fml-a", "-0.10", "+5.00", "+2.45", "3", "eligible"],  # (5 - 0.1) / 2
         ["fml-b", "-0.50", "+10.00", "+4.75", "2", f"loses on {control}"],
-        ["fml-c", "–", "+4.00", "+4.00", "1", "not run on 1 preset(s)"],
+        ["fml-c", "–", "+4.00", "+4.00", "1", "not measured on 1 preset(s)"],
+        ["fml-d", "+0.00", "-0.10", "-0.05", "2", f"loses on {scarce}"],
     ]
     assert "default by the map: fml-a (+2.45 points, mean over presets)" in out
 

@@ -80,7 +80,8 @@ class Fml(Algorithm):
                 "architecture, so it keeps its own initialisation")
 
     def begin(self, models: Mapping[str, nn.Module], y: torch.Tensor, hp: Hyper) -> Any:
-        """``distill-hidden``: hooks on every model's classifier (removed in :meth:`end`)."""
+        """``distill-hidden``: hooks on every model's classifier (removed in :meth:`end`,
+        which the training loop calls even when a step raises)."""
         from common.hidden import FeatureTap
 
         return _Batches(hp.mix, y, tap=FeatureTap(models) if hp.distill.hidden else None)
