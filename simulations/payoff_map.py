@@ -133,7 +133,8 @@ def targets(rows: list[dict[str, Any]], fml: str) -> list[tuple[str, str, bool |
                         _at_least(me["accuracy"], tuned and tuned["accuracy"], 0.0)))
         else:
             out.append((preset, f"{fml} >= local - 0.2 points",
-                        _at_least(me["accuracy"], local and local["accuracy"], -0.002)))
+                        _at_least(me["accuracy"], local and local["accuracy"],
+                                  floor(preset))))
         out.append((preset, f"{fml}'s meme >= fedavg's global model (central)",
                     _at_least(me["central"], fedavg and fedavg["central"], 0.0)))
         # FedAvg+FT's variants (more local epochs, server momentum) are the fair baselines
@@ -160,9 +161,8 @@ def ranking(rows: list[dict[str, Any]], family: str = "fml") -> list[dict[str, A
     gain over local per preset (mean over that preset's seeds), their mean (each preset
     weighs once, whatever its seeds), the number of seeds behind it, the presets with a
     local run where it has no run on a seed local also ran (``missing``) and those where it
-    falls below
-    :func:`floor` (``losing``); ``eligible`` as the default where both are empty. Eligible
-    ones rank first."""
+    falls below :func:`floor` (``losing``); ``eligible`` as the default where both are
+    empty. Eligible ones rank first."""
     presets = sorted({r["preset"] for r in rows if r["algorithm"] == "local"})
     out = []
     for algo in dict.fromkeys(r["algorithm"] for r in rows if r["family"] == family):
