@@ -23,13 +23,17 @@ from common.models import TaskSpec, build_model
 
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, ce_student: torch.Tensor,
                 ce_teacher: torch.Tensor) -> torch.Tensor:
-    """MSE(h_student, h_teacher) / (CE_student + CE_teacher): FedKD's adaptive hidden loss.
+    """MSE(h_student, h_teacher) / max(1, CE_student + CE_teacher): FedKD's adaptive hidden
+    loss, bounded.
 
     The teacher's features and both CEs are detached, so only the student moves; dividing by
-    the two models' batch CE makes a pair that still predicts poorly pull less.
+    the two models' batch CE makes a pair that still predicts poorly pull less. FedKD divides
+    by the CE sum alone, which amplifies without bound once both models fit the batch while
+    their features still differ (CE -> 0, MSE does not): our first run diverged so in round
+    97. So the division only ever attenuates: at most the plain γ·MSE.
     """
     mse = F.mse_loss(student.float(), teacher.detach().float())
-    return mse / (ce_student + ce_teacher).detach().clamp_min(1e-8)
+    return mse / (ce_student + ce_teacher).detach().clamp_min(1.0)
 
 
 def classifier(model: nn.Module) -> nn.Linear:

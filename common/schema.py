@@ -204,7 +204,7 @@ SCHEMA: tuple[Key, ...] = (
         "prior (logit adjustment, Menon et al. 2021; FedLC, Zhang et al. 2022); `seen`: "
         "the meme renormalised over the client's own classes (FedRS, Li & Zhan 2021)"),
     Key("distill-hidden", float, 0.0, M, "`fml`: γ of FedKD's hidden-state loss (Wu et al. "
-        "2022): each model also learns γ·MSE(h_self, h_other) / (CE_self + CE_other), h the "
+        "2022): each model also learns γ·MSE(h_self, h_other) / max(1, CE_self + CE_other), h the "
         "penultimate features (the input of its last linear layer), toward the other's "
         "detached ones (only a model that distils: not at α or β = 1, nor in the warm-up); "
         "every model needs one feature width; not with torch-compile. 0: off",

@@ -31,6 +31,41 @@ def test_hidden_loss_is_the_mse_over_both_ces_and_moves_only_the_student():
     assert teacher.grad is None
 
 
+def test_the_division_by_the_ces_only_attenuates_once_both_models_fit_the_batch():
+    student = torch.tensor([[1.0, 2.0], [0.0, 0.0]], requires_grad=True)
+    teacher = torch.zeros(2, 2)
+    # both models fit the batch (CE 0.001 + 0.002) while their features still differ: the
+    # pull is the plain MSE (1 + 4) / 4, not MSE / 0.003
+    loss = hidden_loss(student, teacher, torch.tensor(0.001), torch.tensor(0.002))
+    assert loss.item() == pytest.approx(1.25)
+    loss.backward()
+    np.testing.assert_allclose(student.grad.numpy(), [[0.5, 1.0], [0.0, 0.0]], rtol=1e-6)
+
+
+def test_training_on_a_batch_both_models_fit_stays_bounded():
+    """FedKD's unbounded division blew a meme up once both models fitted a client's few
+    images (CE -> 0, features apart); bounded, the features converge instead."""
+    x = torch.randn(32, 3, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    local, meme = _two_layer(1), _two_layer(2)
+    models = {"local": local, "meme": meme}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=0.5) for k, m in models.items()}
+    fit = Hyper(alpha=1.0, beta=1.0, epochs=1000, batch_size=32)  # labels alone, no pull
+    train_epochs(models, opts, get("fml"), x, y, fit, torch.Generator().manual_seed(0),
+                 torch.device("cpu"))
+    (h_l, ce_l), (h_m, ce_m) = _by_hand(local, x, y), _by_hand(meme, x, y)
+    gap = F.mse_loss(h_l, h_m).item()
+    assert (ce_l + ce_m).item() < 0.01 and gap > 1.0  # both fit, features apart
+    pull = Hyper(alpha=0.5, beta=0.5, epochs=30, batch_size=32,
+                 distill=Distill(weighting=DistillWeighting.ADDITIVE, hidden=1.0))
+    train_epochs(models, opts, get("fml"), x, y, pull, torch.Generator().manual_seed(0),
+                 torch.device("cpu"))
+    (h_l, _), (h_m, _) = _by_hand(local, x, y), _by_hand(meme, x, y)
+    assert all(bool(p.isfinite().all()) for m in models.values() for p in m.parameters())
+    # divided by the CE sum alone (~0.003) the gap grew sixty-fold here; bounded, it closes
+    assert F.mse_loss(h_l, h_m).item() < 0.1 * gap
+
+
 @pytest.mark.parametrize("arch", ["lenet5", "cnn", "mlp", "cnn-bn"])
 def test_the_tap_reads_what_the_classifier_reads_and_closes_cleanly(arch):
     torch.manual_seed(0)
@@ -89,7 +124,7 @@ def test_fml_adds_gamma_times_the_hidden_loss_to_each_model_that_distils(alpha):
     base_l, base_m = mutual_losses(out["local"], out["meme"], y, alpha, 0.5,
                                    distill=Distill(weighting=DistillWeighting.ADDITIVE))
     (h_l, ce_l), (h_m, ce_m) = _by_hand(local, x, y), _by_hand(meme, x, y)
-    term = 0.7 * ((h_l - h_m) ** 2).mean() / (ce_l + ce_m)
+    term = 0.7 * ((h_l - h_m) ** 2).mean() / max(1.0, (ce_l + ce_m).item())
     assert term.item() > 1e-3  # the check below is not vacuous
     expected_local = base_l.item() + (term.item() if alpha < 1 else 0.0)
     assert losses["local"].item() == pytest.approx(expected_local, rel=1e-5)
