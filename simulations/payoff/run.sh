@@ -8,15 +8,25 @@ set -u
 cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/payoff}
 # FedAvg+FT trains exactly as FedAvg (fine-tuning touches a copy), so its global model is
-# FedAvg's. Order: on the first preset, the variants still unmeasured and Ditto; then the
-# finalist (fml-mix-meme2), its fair baseline (fedavg3-ft: as many epochs for the shared
-# model) and the map's baselines on seed 0 of the other presets and of one control; then
-# seeds 1-2; then the rest of the controls
-SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix-meme2-hid"
+# FedAvg's. Order: what the ranking of the default needs first (the finalist fml-mix-meme2
+# on the pathological control, the 200-client regime with its baselines, fml-tuned-meme2
+# where fml-mix-meme2 ran), then Ditto and the variants still unmeasured; then the
+# finalists and the map's baselines on seed 0 of every preset and control; then seeds 1-2;
+# then the rest of the controls
+SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft fml-tuned-meme2 ditto fml fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix-meme2-hid"
 FINAL="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml"
-CONTROL="fml-mix-meme2 fedavg-ft fedavg3-ft ditto"
+CONTROL="fml-mix-meme2 fedavg-ft fedavg3-ft ditto fml-tuned-meme2"
 g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
-g payoff-fmnist-100-dir0.5 0 "fedavg3-ft fml-mix-meme2-hid fml-tuned-meme2 ditto fml fedavgm-ft"
+# the cells already committed are not run again (the grid skips a run whose metrics.json
+# has every round; nothing there is overwritten)
+mkdir -p "$OUT"
+for d in simulations/results/payoff-map/*/; do
+  [ "$(basename "$d")" = map ] || cp -rn "$d" "$OUT"/
+done
+g leaderboard-fmnist-pathological 0 "fml-mix-meme2"
+g payoff-fmnist-200-dir0.3 0 "local fml-mix-meme2 fedavg-ft fedavg3-ft fml-tuned-meme2"
+g payoff-fmnist-100-dir1.0 0 "fml-tuned-meme2"
+g payoff-fmnist-100-dir0.5 0 "fml-mix-meme2-hid ditto fml fedavgm-ft"
 g payoff-fmnist-100-dir1.0 0 "$SEED0"
 g leaderboard-fmnist-dir0.1 0 "$CONTROL"
 g payoff-fmnist-200-dir0.3 0 "$SEED0"
