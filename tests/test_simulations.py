@@ -431,3 +431,32 @@ def test_peer_table_reports_each_private_peer_and_their_mean():
     assert rows == ["| p | fml-k3 | 2 | 81.00 ± 1.41 / 72.00 ± 2.83 / 60.00 ± 0.00 | "
                     "86.00 ± 1.41 |"]
     assert peer_table({"p": {"fml": [plain]}}) == ""
+
+
+@pytest.mark.e2e
+def test_blend_rebuilds_what_each_client_scored(tmp_path, simlink):
+    """The offline rebuild of a finished FML run (held-out slice and all): its w = 0 and
+    w = 1 are the tuned meme and the private model each real client scored."""
+    from simulations.blend import GRID, check, rebuild
+
+    run_grid(["digits-quick"], ["fml-mix-meme2"], [0], tmp_path)
+    run = Job("digits-quick", "fml-mix-meme2", 0, tmp_path).run_dir
+    rows = rebuild(run)
+    recorded = json.loads((run / "clients.json").read_text())[-1]["clients"]
+    assert sorted(r["key"] for r in rows) == sorted(c["key"] for c in recorded)
+    assert any(r["tuned"] != r["private"] for r in rows)  # w matters: not vacuous
+    assert check(rows) < 1e-6
+    assert all(len(r["accs"]) == len(GRID) for r in rows)
+
+
+def test_blend_table_against_hand_computed_means():
+    from simulations.blend import table
+
+    accs_a = [0.5] * 5 + [0.6] * 6  # gains from w = 0.5 on
+    accs_b = [0.9] * 3 + [0.8] * 8  # loses from w = 0.3 on
+    md = table([{"n": 1, "accs": accs_a}, {"n": 3, "accs": accs_b}])
+    rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:6]]
+            for ln in md.splitlines()[2:]}
+    assert rows["0.0"] == ["70.00", "80.00", "+0.00", "0 / 0"]
+    assert rows["0.3"] == ["65.00", "72.50", "-5.00", "0 / 1"]  # (0.5 + 0.8) / 2; (0.5 + 2.4) / 4
+    assert rows["1.0"] == ["70.00", "75.00", "+0.00", "1 / 1"]  # (0.6 + 0.8) / 2; (0.6 + 2.4) / 4
