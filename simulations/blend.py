@@ -22,9 +22,12 @@ import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from common.config import Config
 
 GRID = tuple(i / 10 for i in range(11))
 
@@ -34,16 +37,12 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
     the blend's accuracy for each w of :data:`GRID`."""
     from client.state_file import read_state_file
     from common.algorithms.base import Evaluation
-    from common.config import load_config
     from common.data import load_client_data, validation_split
     from common.models import build_model
     from common.personal import tune_meme
     from common.runtime import derive_seed
 
-    cfg = load_config(json.loads((run / "config.json").read_text()))
-    if cfg.fraction_evaluate < 1.0:
-        raise SystemExit(f"{run}: fraction-evaluate = {cfg.fraction_evaluate}; the blend "
-                         "needs every client evaluated (fraction-evaluate = 1.0)")
+    cfg = _finished_fml_run(run)
     checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     server_round = int(checkpoint["round"])
     records = {r["round"]: r for r in json.loads((run / "clients.json").read_text())}
@@ -51,6 +50,11 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
         raise SystemExit(f"{run}: checkpoint.pt is of round {server_round}, which "
                          "clients.json does not evaluate")
     clients = records[server_round]["clients"]
+    if sorted(c["key"] for c in clients) != list(range(len(clients))):
+        raise SystemExit(f"{run}: round {server_round} evaluated clients "
+                         f"{sorted(c['key'] for c in clients)}; the rebuild needs every "
+                         "partition 0…N-1 (a client that failed would change everyone's split)")
+    state_dir = run / "private-state" if (run / "private-state").is_dir() else Path(cfg.state_dir)
     algo, cpu = cfg.algorithm.spec, torch.device("cpu")
     rows = []
     for c in clients:
@@ -60,7 +64,15 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
                                               derive_seed(cfg.seed, "validation", key))
         meme = build_model(cfg.meme_model, data.spec)
         meme.load_state_dict(checkpoint["meme"], strict=True)
-        saved = read_state_file(Path(cfg.state_dir) / f"private-{key}.pt")["models"]["local"]
+        path = state_dir / f"private-{key}.pt"
+        if not path.is_file():
+            raise SystemExit(f"{path}: client {key}'s private model is missing (expected "
+                             "the run's private-state/ folder, or its state-dir)")
+        state = read_state_file(path)
+        if state["server_round"] != server_round:
+            raise SystemExit(f"{path} is of round {state['server_round']}, the checkpoint "
+                             f"of round {server_round}")
+        saved = state["models"]["local"]
         private = build_model(saved["arch"], data.spec)
         private.load_state_dict(saved["model"], strict=True)
         ev = Evaluation(cfg, x, y, cpu, derive_seed(cfg.seed, "finetune", key, server_round),
@@ -76,6 +88,29 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
         rows.append({"key": key, "n": len(data.y_test), "accs": accs,
                      "tuned": c["tuned_accuracy"], "private": c["private_accuracy"]})
     return rows
+
+
+def _finished_fml_run(run: Path) -> Config:
+    """The run's config, once its folder holds what the rebuild reads; else exit naming
+    what is missing (committed results keep only the JSON)."""
+    from common.config import load_config
+    from common.options import PersonalModel
+
+    missing = [f for f in ("config.json", "clients.json", "checkpoint.pt")
+               if not (run / f).is_file()]
+    if missing:
+        raise SystemExit(f"{run}: no {', '.join(missing)}; expected the folder of a finished "
+                         "grid run (config.json, clients.json, checkpoint.pt, private-state/)")
+    cfg = load_config(json.loads((run / "config.json").read_text()))
+    if cfg.algorithm.value != "fml" or cfg.personal_model is PersonalModel.PRIVATE:
+        raise SystemExit(f"{run}: algorithm {cfg.algorithm.value!r}, personal-model "
+                         f"{cfg.personal_model.value!r}; expected an 'fml' run whose clients "
+                         "also scored the tuned meme (personal-model 'tuned', 'choice' or "
+                         "'mix')")
+    if cfg.fraction_evaluate < 1.0:
+        raise SystemExit(f"{run}: fraction-evaluate = {cfg.fraction_evaluate}; the blend "
+                         "needs every client evaluated (fraction-evaluate = 1.0)")
+    return cfg
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:

@@ -460,3 +460,21 @@ def test_blend_table_against_hand_computed_means():
     assert rows["0.0"] == ["70.00", "80.00", "+0.00", "0 / 0"]
     assert rows["0.3"] == ["65.00", "72.50", "-5.00", "0 / 1"]  # (0.5 + 0.8) / 2; (0.5 + 2.4) / 4
     assert rows["1.0"] == ["70.00", "75.00", "+0.00", "1 / 1"]  # (0.6 + 0.8) / 2; (0.6 + 2.4) / 4
+
+
+@pytest.mark.parametrize("files, config, names", [
+    (("config.json", "clients.json"), {"algorithm": "fml", "personal-model": "tuned"},
+     "no checkpoint.pt"),  # committed results keep only the JSON
+    (("config.json", "clients.json", "checkpoint.pt"), {"algorithm": "fml"},
+     "personal-model 'private'"),  # its clients never scored a tuned meme
+    (("config.json", "clients.json", "checkpoint.pt"),
+     {"algorithm": "fml", "personal-model": "mix", "fraction-evaluate": 0.5},
+     "fraction-evaluate = 0.5"),
+])
+def test_blend_refuses_a_run_it_cannot_rebuild_naming_why(tmp_path, files, config, names):
+    from simulations.blend import rebuild
+
+    for f in files:
+        (tmp_path / f).write_text(json.dumps(config) if f == "config.json" else "[]")
+    with pytest.raises(SystemExit, match=names):
+        rebuild(tmp_path)
