@@ -20,9 +20,9 @@ from client import private
 from client.mods import audit_mod, compress_mod, dp_clip_mod, fault_mod, secure_mod
 from client.secure import legacy_mod
 from client.teachers import teachers
-from common.algorithms.base import PEER_SCORED, SCORED, Evaluation
+from common.algorithms.base import PEER_SCORED, SCORED, client_evaluation, fit_split
 from common.config import Config, load_config
-from common.data import ClientData, load_client_data, validation_split
+from common.data import ClientData, load_client_data
 from common.models import TaskSpec, build_model
 from common.profiling import phase
 from common.records import load_into, meme_record, to_record
@@ -45,14 +45,6 @@ def _client_data(cfg: Config, node: private.NodeInfo, spec: TaskSpec) -> ClientD
         raise ValueError(f"this client has label {top}, outside the federation's "
                          f"{spec.num_classes} classes")
     return data
-
-
-def _split(cfg: Config, node: private.NodeInfo, data: ClientData,
-           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_fit, y_fit, x_val, y_val): the training split less the slice the algorithm holds
-    out (the same slice every round, for training and evaluation alike)."""
-    return validation_split(data.x_train, data.y_train, cfg.algorithm.spec.holdout(cfg),
-                            derive_seed(cfg.seed, "validation", node.client_key))
 
 
 def _received(cfg: Config, spec: TaskSpec, content: RecordDict,
@@ -139,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
     gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "shuffle", node.client_key,
                                                     server_round))
     hp = algo.hyper(cfg, config, priv.node_round if priv else 0, priv.mix if priv else 0.5)
-    x, y, _, _ = _split(cfg, node, data)
+    x, y, _, _ = fit_split(cfg, node.client_key, data.x_train, data.y_train)
     with step("train.sgd", device=str(device)):
         stats = train_epochs(models, optimizers, algo, x, y, hp, gen, device)
         solo = algo.solo_epochs(cfg)
@@ -179,10 +171,8 @@ def evaluate_both(msg: Message, context: Context) -> Message:
     with step("evaluate.models-in"):
         models, priv = _models(cfg, context, node, spec, msg.content, device,
                                str(config.get("lineage", "")), server_round)
-        x, y, x_val, y_val = _split(cfg, node, data)
-        ev = Evaluation(cfg, x, y, device,
-                        derive_seed(cfg.seed, "finetune", node.client_key, server_round),
-                        x_val, y_val)
+        ev = client_evaluation(cfg, node.client_key, data.x_train, data.y_train, device,
+                               server_round)
         scored = algo.evaluated(models, ev)
     with step("evaluate.forward"):
         for name in (*SCORED, *PEER_SCORED):

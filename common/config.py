@@ -36,10 +36,11 @@ from common.options import (
     PrivateInit,
     PrivateStore,
 )
-from common.schema import BY_NAME, SCHEMA, Key, floats
+from common.schema import AUTO, BY_NAME, RESUMABLE, SCHEMA, Key, floats
 
 __all__ = ["SCHEMA", "Aggregation", "Algorithm", "Config", "ConfigError", "DpMode",
-           "Partitioner", "default_config", "load_config"]
+           "Partitioner", "config_changes", "default_config", "load_config",
+           "recorded_config"]
 
 
 class ConfigError(ValueError):
@@ -212,6 +213,8 @@ def _coerce(key: Key, value: Any) -> Any:
             f"{key.describe()}"
         )
 
+    if key.auto and value == AUTO:
+        return AUTO
     if issubclass(key.type, Enum):
         try:
             return key.type(value)
@@ -261,10 +264,8 @@ def _load(run_config: Mapping[str, Any]) -> Config:
             f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
             f"known keys: {', '.join(BY_NAME)}"
         )
-    values = {
-        k.name.replace("-", "_"): _coerce(k, run_config.get(k.name, k.default)) for k in SCHEMA
-    }
-    cfg = Config(**values)
+    given = {k.name: _coerce(k, run_config.get(k.name, k.default)) for k in SCHEMA}
+    cfg = Config(**{name.replace("-", "_"): v for name, v in _resolve_auto(given).items()})
     reason = cfg.algorithm.spec.check(cfg)
     if reason:
         raise ConfigError(reason)
@@ -317,6 +318,19 @@ def _load(run_config: Mapping[str, Any]) -> Config:
     _check_privacy(cfg)
     _check_compression(cfg)
     return cfg
+
+
+def _resolve_auto(given: dict[str, Any]) -> dict[str, Any]:
+    """The keys left at ``auto`` set to what the algorithm chose for them, the others'
+    neutral value where it chose nothing: a run's config (and its ``config.json``) records
+    what ran, never ``auto``."""
+    algorithm = given["algorithm"]
+    chosen = algorithm.spec.defaults(given)
+    out = dict(given)
+    for key in SCHEMA:
+        if key.auto and given[key.name] == AUTO:
+            out[key.name] = _coerce(key, chosen.get(key.name, key.neutral))
+    return out
 
 
 def _check_compression(cfg: Config) -> None:
@@ -384,6 +398,25 @@ def _check_privacy(cfg: Config) -> None:
         raise ConfigError(f"run-config key 'faults' = {cfg.faults!r}: with "
                           "secure-aggregation = true only 'raise' faults (dropped clients) "
                           "apply; the server sees only the sum, not a broken update")
+
+
+def recorded_config(recorded: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's recorded config (``config.json``, a checkpoint's) with every key of today's
+    schema: a key added since it was written ran at its default then, which for a key that
+    now takes ``auto`` was its neutral value (``auto`` is newer than any of them)."""
+    then = {k.name: k.neutral if k.auto else k.default for k in SCHEMA}
+    then = {k: v.value if isinstance(v, Enum) else v for k, v in then.items()}
+    return {**then, **recorded}
+
+
+def config_changes(recorded: Mapping[str, Any], cfg: Config, label: str = "recorded",
+                   may_differ: frozenset[str] = RESUMABLE) -> list[str]:
+    """The keys outside ``may_differ`` (by default those a resumed run may change) in which
+    a recorded run's config and ``cfg`` differ, each as "'key': <label> R, now N"."""
+    then, now = recorded_config(recorded), cfg.to_dict()
+    return [f"'{k}': {label} {then.get(k)!r}, now {now.get(k)!r}"
+            for k in sorted(set(now) | set(then))
+            if k not in may_differ and now.get(k) != then.get(k)]
 
 
 def default_config() -> Config:

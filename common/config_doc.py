@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from common.schema import GROUPS, SCHEMA, Key
+from common.schema import AUTO, GROUPS, SCHEMA, Key
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "configuration.md"
@@ -30,8 +30,10 @@ not this page. -->
 
 Every key lives in `[tool.flwr.app.config]` of `pyproject.toml` and is validated once,
 before any training (`common/config.py`): a bad value fails with the key, the value and
-what is allowed, and an unknown key (a typo) is refused. Override keys on the command
-line (strings in TOML quotes) or with a TOML file:
+what is allowed, and an unknown key (a typo) is refused. A key whose default is `auto`
+takes its algorithm's own value (each algorithm's `defaults` in `common/algorithms/`, the
+neutral value where it names none); a run's `config.json` records the value it ran with.
+Override keys on the command line (strings in TOML quotes) or with a TOML file:
 
 ```bash
 flwr run . --stream --federation-config "num-supernodes=10 client-resources-num-cpus=1" \\
@@ -59,8 +61,10 @@ def toml_value(value: Any) -> str:
 
 def _allowed(key: Key) -> str:
     if issubclass(key.type, Enum):
-        return " \\| ".join(f"`{m.value}`" for m in key.type)
-    return key.allowed.replace("|", "\\|") or key.type.__name__
+        words = " \\| ".join(f"`{m.value}`" for m in key.type)
+    else:
+        words = key.allowed.replace("|", "\\|") or key.type.__name__
+    return f"`{AUTO}` or {words}" if key.auto else words
 
 
 def render_doc() -> str:
@@ -87,6 +91,7 @@ def render_block() -> str:
         for k in (k for k in SCHEMA if k.group == group):
             hint = (" | ".join(m.value for m in k.type) if issubclass(k.type, Enum)
                     else k.allowed)
+            hint = f"{AUTO} | {hint}" if k.auto else hint
             line = f"{k.name} = {toml_value(k.default)}"
             out.append(f"{line:<32}# {hint}" if hint else line)
     return "\n".join(out) + "\n"

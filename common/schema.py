@@ -35,6 +35,9 @@ from common.options import (
     PrivateStore,
 )
 
+AUTO = "auto"
+"""The value of a key that takes its algorithm's default (a key with ``Key.neutral``)."""
+
 
 @dataclass(frozen=True)
 class Key:
@@ -49,12 +52,23 @@ class Key:
     check: Callable[[Any], bool] | None = None
     allowed: str = ""
     resumable: bool = False
+    neutral: Any = None
+
+    @property
+    def auto(self) -> bool:
+        """Whether the key also takes ``auto``, the algorithm's own default
+        (``Algorithm.defaults``; ``neutral``, the value that switches the key off, where the
+        algorithm names none). Its schema default is then ``auto``: Flower's run config
+        carries every key of ``pyproject.toml``, so a key's absence cannot say "default"."""
+        return self.neutral is not None
 
     def describe(self) -> str:
         """What the key accepts, as error messages and the reference page say it."""
         if issubclass(self.type, Enum):
-            return "one of " + ", ".join(m.value for m in self.type)
-        return self.allowed or f"a {self.type.__name__}"
+            values = "one of " + ", ".join(m.value for m in self.type)
+        else:
+            values = self.allowed or f"a {self.type.__name__}"
+        return f"'{AUTO}' or {values}" if self.auto else values
 
 
 def _in(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable:
@@ -220,7 +234,7 @@ SCHEMA: tuple[Key, ...] = (
         "of peers 2…K, a comma list of K-1 models (heterogeneous students; the first peer "
         "is the node's `local-model`); empty: the node's `local-model` for every peer",
         _model_list, f"empty or a comma list of {_MODELS}"),
-    Key("personal-model", PersonalModel, PersonalModel.PRIVATE, M,
+    Key("personal-model", PersonalModel, AUTO, M,
         "`fml`: the client's personalised model (`local_accuracy`): `private`; `tuned`, the "
         "meme it received after `finetune-epochs` of the mutual loss on its training split "
         "(the private model teaching, unchanged; FedAvg+FT's fine-tuning, Matsuda et al. "
@@ -228,12 +242,15 @@ SCHEMA: tuple[Key, ...] = (
         "validation slice (`validation-fraction` of the training split, never trained on); "
         "`mix`, w·p_private + (1-w)·p_tuned with w in {0, 0.1, …, 1} chosen on that slice. "
         "Other than `private`, both are also reported (`private_accuracy`, "
-        "`tuned_accuracy`)"),
-    Key("meme-epochs", int, 0, M, "`fml`: after the `local-epochs` of mutual learning, the "
+        "`tuned_accuracy`). `auto`: `mix` for `fml` with one private model and no "
+        "`personal-mix` (the payoff map's choice, docs/experiments.md), else `private` (every "
+        "other algorithm's own personalised model)", neutral=PersonalModel.PRIVATE),
+    Key("meme-epochs", int, AUTO, M, "`fml`: after the `local-epochs` of mutual learning, the "
         "meme trains this many more epochs of its own loss, the private models teaching "
         "frozen: a stronger meme to send up without more private training (the reply's train "
-        "loss and accuracy are the mutual epochs'; its skipped steps count both)",
-        *_ints(0, 100)),
+        "loss and accuracy are the mutual epochs'; its skipped steps count both). `auto`: 2 "
+        "for `fml` (the payoff map's choice), 0 (off) for every other algorithm",
+        *_ints(0, 100), neutral=0),
     Key("private-init", PrivateInit, PrivateInit.RANDOM, M,
         "`fml`: how the private model starts: `random` (its own seeded initialisation) or "
         "`meme`, a copy of the first meme the client receives where the two architectures "

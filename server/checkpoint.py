@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import Config, default_config
+from common.config import Config, config_changes
 from common.schema import RESUMABLE
 from server.results import torch_save_atomic
 
@@ -93,14 +93,9 @@ def load_checkpoint(run_dir: Path, cfg: Config) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated "
                               f"({type(exc).__name__}: {exc})") from None
-    now = cfg.to_dict()
-    # a key added since the checkpoint was written ran at its default then
-    then = {**default_config().to_dict(), **ckpt.config}
-    differ = sorted(k for k in set(now) | set(then)
-                    if k not in MAY_DIFFER and now.get(k) != then.get(k))
+    differ = config_changes(ckpt.config, cfg, "checkpoint", MAY_DIFFER)
     if differ:
-        detail = ", ".join(f"'{k}': checkpoint {then.get(k)!r}, now {now.get(k)!r}"
-                           for k in differ)
+        detail = ", ".join(differ)
         raise CheckpointError(f"checkpoint {path} is from a different config ({detail})")
     if len(ckpt.records) != ckpt.round:
         raise CheckpointError(f"checkpoint {path} is inconsistent: round {ckpt.round} but "

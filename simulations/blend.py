@@ -36,11 +36,10 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
     """Per client of the last evaluated round: test size, the run's recorded accuracies and
     the blend's accuracy for each w of :data:`GRID`."""
     from client.state_file import read_state_file
-    from common.algorithms.base import Evaluation
-    from common.data import load_client_data, validation_split
+    from common.algorithms.base import client_evaluation
+    from common.data import load_client_data
     from common.models import build_model
     from common.personal import tune_meme
-    from common.runtime import derive_seed
 
     cfg = _finished_fml_run(run)
     checkpoint = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -60,8 +59,6 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
     for c in clients:
         key = c["key"]
         data = load_client_data(cfg, key, len(clients), cfg.data_path)
-        x, y, x_val, y_val = validation_split(data.x_train, data.y_train, algo.holdout(cfg),
-                                              derive_seed(cfg.seed, "validation", key))
         meme = build_model(cfg.meme_model, data.spec)
         meme.load_state_dict(checkpoint["meme"], strict=True)
         path = state_dir / f"private-{key}.pt"
@@ -75,8 +72,7 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
         saved = state["models"]["local"]
         private = build_model(saved["arch"], data.spec)
         private.load_state_dict(saved["model"], strict=True)
-        ev = Evaluation(cfg, x, y, cpu, derive_seed(cfg.seed, "finetune", key, server_round),
-                        x_val, y_val)
+        ev = client_evaluation(cfg, key, data.x_train, data.y_train, cpu, server_round)
         tuned = tune_meme(algo, private, meme, ev)
         private.eval()
         tuned.eval()
@@ -93,7 +89,7 @@ def rebuild(run: Path) -> list[dict[str, Any]]:
 def _finished_fml_run(run: Path) -> Config:
     """The run's config, once its folder holds what the rebuild reads; else exit naming
     what is missing (committed results keep only the JSON)."""
-    from common.config import load_config
+    from common.config import load_config, recorded_config
     from common.options import PersonalModel
 
     missing = [f for f in ("config.json", "clients.json", "checkpoint.pt")
@@ -101,7 +97,7 @@ def _finished_fml_run(run: Path) -> Config:
     if missing:
         raise SystemExit(f"{run}: no {', '.join(missing)}; expected the folder of a finished "
                          "grid run (config.json, clients.json, checkpoint.pt, private-state/)")
-    cfg = load_config(json.loads((run / "config.json").read_text()))
+    cfg = load_config(recorded_config(json.loads((run / "config.json").read_text())))
     if cfg.algorithm.value != "fml" or cfg.personal_model is PersonalModel.PRIVATE:
         raise SystemExit(f"{run}: algorithm {cfg.algorithm.value!r}, personal-model "
                          f"{cfg.personal_model.value!r}; expected an 'fml' run whose clients "

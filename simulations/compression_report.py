@@ -124,7 +124,8 @@ def load_modes(root: Path) -> dict[str, list[Run]]:
             found = load_runs(folder)
         except SystemExit:  # nothing finished in this mode yet
             continue
-        runs = [r for algos in found.values() for r in algos.get("fml", [])]
+        runs = [r for algos in found.values() for rs in algos.values() for r in rs
+                if r["config"].get("algorithm") == "fml"]
         if runs:
             modes[folder.name] = runs
     if not modes:

@@ -9,8 +9,10 @@ An algorithm may also be a variant: ``simulations/variants/<name>.toml`` names i
 preset. Each run writes ``<out>/<preset>/<algorithm or variant>-seed<seed>/``. A run
 whose ``metrics.json`` already has every round is skipped; one that was interrupted
 continues from its checkpoint (``resume-from``), so re-running the same command resumes
-the grid. Runs with private models keep them in ``<run>/private-state/``
-(``state-dir``), so a resumed run continues them instead of starting fresh ones.
+the grid; a folder whose recorded config is not the one the grid would run there now is
+refused before anything runs (:func:`stale_cells`). Runs with private models keep them in
+``<run>/private-state/`` (``state-dir``), so a resumed run continues them instead of
+starting fresh ones.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.config import Algorithm, load_config
+from common.config import Algorithm, ConfigError, config_changes, load_config
 from common.flwr_local import ROOT, SimLink
 
 PRESETS = ROOT / "simulations" / "presets"
@@ -131,31 +133,63 @@ def _progress(job: Job, index: int, total: int, rounds: int, stop: threading.Eve
                   f"grid ETA {grid_eta(eta, per_round * rounds) / 60:.0f} min)", flush=True)
 
 
+def _run_config(job: Job, preset_cfg: dict[str, Any], extra: dict[str, Any],
+                variant: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    """What one cell runs: the preset, ``--set``, the variant's keys, then the cell's own."""
+    algorithm, keys = variant
+    return {**preset_cfg, **extra, **keys, "algorithm": algorithm, "seed": job.seed,
+            "output-dir": str(job.out / job.preset), "run-name": job.run_dir.name}
+
+
+def stale_cells(jobs: Sequence[tuple[Job, dict[str, Any]]]) -> list[str]:
+    """The cells whose folder holds a run of another config than the one the grid would run
+    there now (a default changed since, another ``--set``): skipping or resuming one would
+    count it under a name it no longer means. Each as "<run dir>: <differences>"."""
+    out = []
+    for job, run_config in jobs:
+        recorded = job.run_dir / "config.json"
+        if not recorded.is_file():
+            continue
+        try:
+            then = json.loads(recorded.read_text())
+        except ValueError as exc:
+            out.append(f"{job.run_dir}: unreadable config.json ({exc})")
+            continue
+        changes = config_changes(then, load_config(run_config))
+        if changes:
+            out.append(f"{job.run_dir}: {', '.join(changes)}")
+    return out
+
+
 def run_grid(presets: Sequence[str], algorithms: Sequence[str], seeds: Sequence[int],
              out: Path, cpus_per_client: int = 1, gpus_per_client: float = 0,
              extra: dict[str, Any] | None = None) -> list[Job]:
-    """Run every missing cell; returns the jobs (run folders under ``out``)."""
-    out = out.resolve()
+    """Run every missing cell; returns the jobs (run folders under ``out``). Refuses, before
+    running anything, a grid whose folders hold runs of another config (:func:`stale_cells`)."""
+    out, extra = out.resolve(), extra or {}
     cells = [(p, *load_preset(p)) for p in presets]
     variants = {a: load_variant(a) for a in algorithms}
-    for _, cfg, _ in cells:
-        for _, keys in variants.values():
-            load_config({**cfg, **(extra or {}), **keys})
-    jobs = [(Job(p, a, s, out), cfg, n) for p, cfg, n in cells for s in seeds for a in algorithms]
+    jobs = [(job, _run_config(job, cfg, extra, variants[a]), n) for p, cfg, n in cells
+            for s in seeds for a in algorithms for job in [Job(p, a, s, out)]]
+    for job, run_config, _ in jobs:  # fail now, not after an hour of other runs
+        try:
+            load_config(run_config)
+        except ConfigError as exc:
+            raise SystemExit(f"{job.preset} {job.algorithm} (--set {extra}): {exc}") from None
+    stale = stale_cells([(job, run_config) for job, run_config, _ in jobs])
+    if stale:
+        raise SystemExit("these grid folders hold runs of another config than this grid's "
+                         "(move them aside, or name the config they ran with a variant):\n  "
+                         + "\n  ".join(stale))
     durations: list[float] = []
     with tempfile.TemporaryDirectory(prefix="fedmutual-grid-") as home, SimLink(Path(home)) as link:
-        for i, (job, preset_cfg, clients) in enumerate(jobs, start=1):
-            rounds = int({**preset_cfg, **(extra or {}), **variants[job.algorithm][1]}.get(
-                "num-server-rounds", 5))
+        for i, (job, run_config, clients) in enumerate(jobs, start=1):
+            rounds = int(run_config.get("num-server-rounds", 5))
             if job.rounds_done() >= rounds:
                 print(f"[{i}/{len(jobs)}] {job.preset} {job.algorithm} seed {job.seed}: done, "
                       "skipped", flush=True)
                 continue
-            algorithm, keys = variants[job.algorithm]
-            run_config = {**preset_cfg, **(extra or {}), **keys, "algorithm": algorithm,
-                          "seed": job.seed, "output-dir": str(out / job.preset),
-                          "run-name": job.run_dir.name}
-            if Algorithm(algorithm).trains_local:  # private models survive a resume
+            if Algorithm(run_config["algorithm"]).trains_local:  # private models survive a resume
                 run_config["state-dir"] = str(job.state_dir)
             if (job.run_dir / "checkpoint.pt").exists():
                 run_config["resume-from"] = str(job.run_dir)
@@ -215,12 +249,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
 
 def overrides(items: Sequence[str], flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` items as run-config values, each VALUE in TOML (strings in double
-    quotes, so ``local-models="mlp,cnn"`` stays one value); a bad item names ``flag``."""
-    try:
-        return tomllib.loads("\n".join(items))
-    except tomllib.TOMLDecodeError as exc:
-        raise SystemExit(f"{flag} {' '.join(items)!r}: expected KEY=VALUE with TOML values "
-                         f"(strings in double quotes): {exc}") from None
+    quotes, so ``local-models="mlp,cnn"`` stays one value); a key given again takes its
+    last value, as a command line's later flag wins; a bad item names ``flag``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        try:
+            out.update(tomllib.loads(item))
+        except tomllib.TOMLDecodeError as exc:
+            raise SystemExit(f"{flag} {item!r}: expected KEY=VALUE with TOML values "
+                             f"(strings in double quotes): {exc}") from None
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> None:

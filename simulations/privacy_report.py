@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.runs import ORDER, Runs, mean_std, pyplot, save_figure, series
+from simulations.runs import Runs, mean_std, order_key, pyplot, save_figure, series
 
 
 def _epsilon(run: dict[str, Any]) -> float:
@@ -42,8 +42,7 @@ def privacy_runs(runs: Runs,
             if all("dp-mode" in r["config"] and r["config"].get("aggregation") == "uniform"
                    for r in rs):
                 rows.append((max(_epsilon(r) for r in rs), preset, algo, rs))
-    return sorted(rows, key=lambda t: (-t[0], t[1], ORDER.index(t[2]) if t[2] in ORDER
-                                       else 99))
+    return sorted(rows, key=lambda t: (-t[0], t[1], order_key(t[2], t[3][0])))
 
 
 def privacy_table(runs: Runs) -> str:
@@ -83,7 +82,7 @@ def plot_privacy(runs: Runs, path: Path) -> bool:
     lines: dict[str, dict[str, list[float]]] = defaultdict(dict)
     for eps, _, algo, rs in rows:
         for key, what in (("local_accuracy", "private model"), ("meme_accuracy",
-                                                                 "meme" if algo == "fml"
+                                                                 "meme" if algo.startswith("fml")
                                                                  else "global model")):
             vals = [100 * series(r["records"], key)[-1] for r in rs
                     if series(r["records"], key)]

@@ -145,10 +145,10 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
 def plot_labels(preset: str, config: dict[str, Any], num_clients: int, path: Path) -> None:
     """Each client's label counts (train split of its partition), as stacked bars."""
     plt = pyplot()
-    from common.config import load_config
+    from common.config import load_config, recorded_config
     from common.data import client_partition_indices, load_dataset
 
-    keep = {k: v for k, v in config.items() if k not in ("resume-from",)}
+    keep = {k: v for k, v in recorded_config(config).items() if k not in ("resume-from",)}
     cfg = load_config(keep)
     ds = load_dataset(cfg.dataset, cfg.data_dir)
     parts = client_partition_indices(cfg, num_clients)

@@ -39,9 +39,21 @@ def order_key(algo: str, run: dict[str, Any]) -> tuple[int, str]:
     return (ORDER.index(base) if base in ORDER else len(ORDER), algo)
 
 
+def run_label(name: str, config: dict[str, Any]) -> str:
+    """The name a run is reported under: its folder's, except that an ``fml`` run with the
+    paper's keys (the private model as the personalised one, no extra meme epochs; every
+    ``fml`` run recorded before the payoff map chose FML's defaults, issue #24) is
+    ``fml-paper``, the variant that runs it today."""
+    if (name == "fml" and config.get("personal-model", "private") == "private"
+            and config.get("meme-epochs", 0) == 0):
+        return "fml-paper"
+    return name
+
+
 def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """``{preset: {algorithm: [run, ...]}}``; each run has ``seed``, ``records``, ``config``."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    where: dict[tuple[str, str, int], Path] = {}
     for metrics in sorted(root.glob("*/*/metrics.json")):
         m = RUN_DIR.match(metrics.parent.name)
         if not m:
@@ -51,7 +63,13 @@ def load_runs(root: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
         if len(records) < int(config["num-server-rounds"]):
             continue  # unfinished: the grid will resume it
         clients = metrics.parent / "clients.json"
-        runs[metrics.parent.parent.name][m["algorithm"]].append(
+        label = run_label(m["algorithm"], config)
+        cell = (metrics.parent.parent.name, label, int(m["seed"]))
+        if cell in where:  # `fml-seed0` of the paper's keys beside an `fml-paper-seed0`
+            raise SystemExit(f"{where[cell]} and {metrics.parent} are both {label} seed "
+                             f"{cell[2]} of {cell[0]}: keep one (a seed counts once)")
+        where[cell] = metrics.parent
+        runs[metrics.parent.parent.name][label].append(
             {"seed": int(m["seed"]), "records": records, "config": config,
              "clients": json.loads(clients.read_text()) if clients.exists() else []})
     if not runs:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from common.config import load_config
+from common.config import load_config, recorded_config
 from common.data import dataset_spec, load_client_data
 from common.models import build_model
 from common.mutual import label_log_prior
@@ -28,8 +28,8 @@ from common.mutual import label_log_prior
 @torch.no_grad()
 def unseen_mass(run_dir: Path, num_clients: int) -> list[dict[str, float]]:
     """Per client: train size, classes seen, meme mass on unseen classes (raw, corrected)."""
-    cfg = load_config({k: v for k, v in json.loads((run_dir / "config.json").read_text()).items()
-                       if k != "resume-from"})
+    recorded = recorded_config(json.loads((run_dir / "config.json").read_text()))
+    cfg = load_config({k: v for k, v in recorded.items() if k != "resume-from"})
     spec = dataset_spec(cfg)
     meme = build_model(cfg.meme_model, spec)
     meme.load_state_dict(torch.load(run_dir / "meme_final.pt", weights_only=True))

@@ -79,14 +79,19 @@ def test_second_round_starts_from_stored_private_model():
     assert diffs_from_first < diffs_from_fresh
 
 
-def test_evaluate_reports_both_models():
-    ctx = make_context(RUN)
+@pytest.mark.parametrize(("keys", "scored"), [
+    ({"personal-model": "private"}, ("local", "meme")),
+    # the default FML's personalised model is the mixture: both of its parts scored beside
+    ({}, ("local", "meme", "private", "tuned")),
+])
+def test_evaluate_reports_both_models(keys, scored):
+    ctx = make_context({**RUN, **keys})
     client_app.train(_train_message(_meme_state()), ctx)
     msg = make_message(RecordDict({"arrays": to_record(_meme_state()),
                                    "config": task_config(1, 8, 10)}), MessageType.EVALUATE)
     metrics = client_app.evaluate_both(msg, ctx).content["metrics"]
-    assert set(metrics) == {"num-examples", "local-loss", "local-accuracy", "meme-loss",
-                            "meme-accuracy"}
+    assert set(metrics) == {"num-examples", *(f"{m}-{s}" for m in scored
+                                              for s in ("loss", "accuracy"))}
     assert 0 <= metrics["local-accuracy"] <= 1 and metrics["num-examples"] > 0
 
 
@@ -247,7 +252,7 @@ def test_private_init_meme_starts_the_private_model_as_the_first_meme_only():
     # no SGD momentum: the private optimizer's round-1 buffers would tell a re-warmed
     # private model apart from the fresh meme's anyway
     run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme",
-           "momentum": 0.0}
+           "momentum": 0.0, "meme-epochs": 0}
     ctx = make_context(run)
     reply = client_app.train(_train_message(_meme_state(0)), ctx)
     kept = _stored(ctx)
@@ -280,7 +285,8 @@ def test_meme_epochs_train_the_meme_alone_after_the_joint_epochs():
     # epoch must give the meme of two joint epochs (the same shuffles, the same optimizer)
     # and leave the private model at one epoch's. (How a model without an optimizer
     # teaches, frozen, is tests/test_codistill.py's.)
-    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme"}
+    run = {**RUN, "local-model": "mlp", "alpha": 1.0, "beta": 1.0, "private-init": "meme",
+           "meme-epochs": 0}
 
     def sent_and_kept(**keys):
         ctx = make_context({**run, **keys})

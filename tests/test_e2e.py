@@ -33,14 +33,17 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
         assert tuple(r) == METRIC_KEYS
         dp_keys = [k for k in METRIC_KEYS
                    if k.startswith("dp_") or k in ("mix_accuracy", "peers_accuracy",
-                                                   "private_accuracy", "tuned_accuracy",
                                                    "peer_accuracies")]
+        # the default FML's personalised model is the mixture of the private model and the
+        # tuned meme (personal-model "mix"): both parts are reported beside it
         assert all(r[k] is not None for k in METRIC_KEYS if k not in dp_keys), r
-        assert all(r[k] is None for k in dp_keys)  # no DP, no mixture: none reported
+        assert all(r[k] is None for k in dp_keys)  # no DP, no learnt mixture, no peers
         assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
         assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["central_meme_accuracy"] <= 1
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["dataset"] == "digits" and cfg["alpha"] == 0.5
+    # pyproject.toml's "auto" reaches the run through Flower and is recorded resolved
+    assert (cfg["personal-model"], cfg["meme-epochs"]) == ("mix", 2)
     # per client, by key: the round's sample-weighted means are made of exactly these
     clients = json.loads((run_dir / "clients.json").read_text())
     assert [c["round"] for c in clients] == [1, 2]
@@ -48,7 +51,7 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
         rows = rnd["clients"]
         assert [c["key"] for c in rows] == [0, 1, 2] and all(tuple(c) == CLIENT_KEYS for c in rows)
         assert all(c["num_train"] > 0 and c["num_test"] > 0 for c in rows)
-        for model in ("local", "meme"):
+        for model in ("local", "meme", "private", "tuned"):
             n = sum(c["num_test"] for c in rows)
             mean = sum(c[f"{model}_accuracy"] * c["num_test"] for c in rows) / n
             assert rec[f"{model}_accuracy"] == pytest.approx(mean, rel=1e-9)

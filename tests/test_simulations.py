@@ -34,6 +34,10 @@ def test_grid_overrides_add_up_over_repeated_set_flags():
     _, extra = parse_args(["--presets", "p", "--set", 'precision="bf16"', "--set",
                            "evaluate-every=5", "torch-compile=true"])
     assert extra == {"precision": "bf16", "evaluate-every": 5, "torch-compile": True}
+    # a script's pinned keys, then a cell's own: the later value wins
+    _, extra = parse_args(["--presets", "p", "--set", 'distill-weighting="fixed"', "alpha=0.9",
+                           "--set", 'distill-weighting="adaptive"'])
+    assert extra == {"distill-weighting": "adaptive", "alpha": 0.9}
     with pytest.raises(SystemExit):
         parse_args(["--presets", "p", "--set", "precision=bf16"])  # unquoted TOML string
 
@@ -74,7 +78,9 @@ def test_run_folders_of_hyphenated_algorithms_and_variants_are_read(tmp_path):
         run = tmp_path / "preset" / name
         run.mkdir(parents=True)
         (run / "metrics.json").write_text(json.dumps([{"round": 1}]))
-        (run / "config.json").write_text(json.dumps({"num-server-rounds": 1}))
+        algorithm = name.split("-seed")[0].removesuffix("-e5")
+        config = load_config({"num-server-rounds": 1, "algorithm": algorithm}).to_dict()
+        (run / "config.json").write_text(json.dumps(config))
     runs = load_runs(tmp_path)["preset"]
     assert {a: [r["seed"] for r in rs] for a, rs in runs.items()} == {
         "fedavg-ft": [0], "codistill-e5": [12], "fml": [1]}
@@ -306,7 +312,9 @@ def _fake_run(root, preset, name, seed, personal, central=None, algorithm=None):
     rows = [{"round": 1, key: 0.1, "central_meme_accuracy": 0.1},
             {"round": 2, key: personal, "central_meme_accuracy": central}]
     (run / "metrics.json").write_text(json.dumps(rows))
-    (run / "config.json").write_text(json.dumps({"num-server-rounds": 2, "algorithm": algo}))
+    # as today's run of the algorithm records it (an `fml` of other keys reads as fml-paper)
+    config = load_config({"num-server-rounds": 2, "algorithm": algo}).to_dict()
+    (run / "config.json").write_text(json.dumps(config))
 
 
 def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys):

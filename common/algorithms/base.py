@@ -59,6 +59,30 @@ class Evaluation:
     y_val: torch.Tensor | None = None
 
 
+def fit_split(cfg: Config, client_key: int, x_train: torch.Tensor, y_train: torch.Tensor,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x_fit, y_fit, x_val, y_val): a client's training split less the slice its algorithm
+    holds out (``Algorithm.holdout``), the same slice every round, for training and
+    evaluation alike, and for whoever rebuilds an evaluation offline."""
+    from common.data import validation_split
+    from common.runtime import derive_seed
+
+    return validation_split(x_train, y_train, cfg.algorithm.spec.holdout(cfg),
+                            derive_seed(cfg.seed, "validation", client_key))
+
+
+def client_evaluation(cfg: Config, client_key: int, x_train: torch.Tensor,
+                      y_train: torch.Tensor, device: torch.device, server_round: int,
+                      ) -> Evaluation:
+    """What a client's evaluation of ``server_round`` builds its models from: its fit split,
+    its held-out slice, and the seed of anything random (fine-tuning's order)."""
+    from common.runtime import derive_seed
+
+    x, y, x_val, y_val = fit_split(cfg, client_key, x_train, y_train)
+    return Evaluation(cfg, x, y, device, derive_seed(cfg.seed, "finetune", client_key,
+                                                     server_round), x_val, y_val)
+
+
 class Algorithm:
     """The defaults: slots trained on plain cross-entropy, evaluated as they are.
 
@@ -89,6 +113,12 @@ class Algorithm:
     def private_for(self, cfg: Config) -> tuple[Slot, ...]:
         """The private slots of a run with this config."""
         return tuple(s for s in self.slots_for(cfg) if not s.shared)
+
+    def defaults(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """This algorithm's values for the keys a run leaves at ``auto`` (kebab-case names;
+        ``given`` is the run config, typed, ``auto`` where left so); a key not named here
+        takes its neutral value, the one that switches it off. None here."""
+        return {}
 
     def check(self, cfg: Config) -> str | None:
         """Why this config cannot run this algorithm (a rule across keys), or None."""

@@ -55,6 +55,14 @@ class Fml(Algorithm):
         peers = tuple(Slot(f"peer-{i}", arch=a) for i, a in enumerate(archs, start=2))
         return (Slot("local"), *peers, Slot("meme", shared=True, arch="meme"))
 
+    def defaults(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The configuration the payoff map chose (issue #24, docs/experiments.md): the meme
+        trains two more epochs alone (``meme-epochs``), and the personalised prediction is
+        the mixture of the private model and the tuned meme, weighed on a held-out slice
+        (``personal-model`` = ``mix``), where one private model is the only other choice."""
+        one = given["private-peers"] == 1 and not given["personal-mix"]
+        return {"personal-model": "mix" if one else "private", "meme-epochs": 2}
+
     def solo_epochs(self, cfg: Config) -> int:
         """``meme-epochs``: a stronger meme without more private training."""
         return cfg.meme_epochs

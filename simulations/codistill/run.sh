@@ -11,7 +11,10 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-simulations/results/codistill-20rounds}
 CODISTILL="codistill-e1 codistill-e2 codistill-e5 codistill-e10"
 PEERS="fml-k2 fml-k3"
-g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
+# FML as these results ran it, the paper's (simulations/variants/fml-paper.toml): `fml`
+# alone now takes the defaults the payoff map chose (issue #24)
+g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3 \
+        --set 'personal-model="private"' meme-epochs=0; }
 for S in 0 1 2; do g codistill-fmnist-4-dir1.0 "$S" "local fedavg fml $CODISTILL $PEERS"; done
 for S in 0 1 2; do g codistill-fmnist-20-dir1.0 "$S" "local fedavg fml $CODISTILL"; done
 for S in 0 1 2; do g codistill-fmnist-20-dir1.0 "$S" "$PEERS"; done

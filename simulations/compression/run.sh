@@ -9,9 +9,11 @@ set -u
 cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/compression}
 P=fmnist-dir0.1
+# FML as these results ran it, the paper's (simulations/variants/fml-paper.toml): `fml`
+# alone now takes the defaults the payoff map chose (issue #24)
 g() { name=$1; seed=$2; shift 2
       python -m simulations.grid --presets $P --seeds "$seed" --algorithms fml \
-          --out "$OUT/$name" "$@"; }
+          --out "$OUT/$name" --set 'personal-model="private"' meme-epochs=0 "$@"; }
 for S in 0 1 2; do
   g none "$S"
   g fp16 "$S" --set 'compression="fp16"'

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copy the finished finalists' records (metrics, config, clients JSON; no weights) into one
-# grid-shaped folder for `python -m simulations.report`: the default FML (additive) as
-# "fml", today's convex FML as "fmlconvex", the default FML with the speed keys as
+# grid-shaped folder for `python -m simulations.report`: the default FML of then (additive;
+# the paper's keys, which reports name "fml-paper") as "fml", today's convex FML as "fmlconvex", the default FML with the speed keys as
 # "fmlfast", local and fedavg as themselves.
 #   bash simulations/finalists/collect.sh OUT_OF_RUN_SH RESULTS_DIR
 set -eu

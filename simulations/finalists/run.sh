@@ -11,8 +11,11 @@ cd "$(dirname "$0")/../.."
 OUT=${1:-outputs/finalists}
 D=leaderboard-fmnist-dir0.1
 P=leaderboard-fmnist-pathological
+# FML as these results ran it, the paper's (simulations/variants/fml-paper.toml): `fml`
+# alone now takes the defaults the payoff map chose (issue #24)
 g() { name=$1; preset=$2; seed=$3; shift 3
-      python -m simulations.grid --presets "$preset" --seeds "$seed" --out "$OUT/$name" "$@"; }
+      python -m simulations.grid --presets "$preset" --seeds "$seed" --out "$OUT/$name" \
+        --set 'personal-model="private"' meme-epochs=0 "$@"; }
 pair() { g local "$1" "$2" --algorithms local
          g additive "$1" "$2" --algorithms fml --set 'distill-weighting="additive"'; }
 pair $D 0; pair $D 1; pair $D 2

@@ -13,8 +13,8 @@ OUT=${1:-outputs/payoff}
 # where fml-mix-meme2 ran), then Ditto and the variants still unmeasured; then the
 # finalists and the map's baselines on seed 0 of every preset and control; then seeds 1-2;
 # then the rest of the controls
-SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft fml-tuned-meme2 ditto fml fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix-meme2-hid"
-FINAL="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml"
+SEED0="local fedavg-ft fml-mix-meme2 fedavg3-ft fml-tuned-meme2 ditto fml-paper fml-mix-m05 fedavgm-ft fml-mix-warm fml-mix-meme2-hid"
+FINAL="local fedavg-ft fml-mix-meme2 fedavg3-ft ditto fml-paper"
 CONTROL="fml-mix-meme2 fedavg-ft fedavg3-ft ditto fml-tuned-meme2"
 g() { python -m simulations.grid --presets "$1" --seeds "$2" --out "$OUT" --algorithms $3; }
 # the cells already committed are not run again (the grid skips a run whose metrics.json
@@ -26,7 +26,7 @@ done
 g leaderboard-fmnist-pathological 0 "fml-mix-meme2"
 g payoff-fmnist-200-dir0.3 0 "local fml-mix-meme2 fedavg-ft fedavg3-ft fml-tuned-meme2"
 g payoff-fmnist-100-dir1.0 0 "fml-tuned-meme2"
-g payoff-fmnist-100-dir0.5 0 "fml-mix-meme2-hid ditto fml fedavgm-ft"
+g payoff-fmnist-100-dir0.5 0 "fml-mix-meme2-hid ditto fml-paper fedavgm-ft"
 g payoff-fmnist-100-dir1.0 0 "$SEED0"
 g leaderboard-fmnist-dir0.1 0 "$CONTROL"
 g payoff-fmnist-200-dir0.3 0 "$SEED0"
