@@ -93,8 +93,9 @@ def test_dp_one_failing_client_does_not_stop_training_and_epsilon_is_accounted(s
     assert eps == [pytest.approx(epsilon_spent([Release(sigma, 4, 4)] * t, 1e-5,
                                                subsampled=False)) for t in (1, 2, 3)]
     assert all(r["dp_noise_std"] == pytest.approx(sigma * 0.5 / 4) for r in records)
-    # the private model, never noised, goes on learning (10 classes: chance is 0.1)
-    assert records[-1]["local_accuracy"] > max(0.3, records[0]["local_accuracy"])
+    # the private model, never noised, goes on learning (10 classes: chance is 0.1); the
+    # default's personalised mixture also leans on the noised meme, so it is not this check
+    assert records[-1]["private_accuracy"] > max(0.3, records[0]["private_accuracy"])
 
 
 def test_secure_aggregation_equals_the_plain_average_and_hides_each_meme(simlink, tmp_path):

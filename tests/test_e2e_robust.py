@@ -178,6 +178,6 @@ def test_a_forging_node_is_rejected_every_round_and_the_honest_clients_train(sim
     first, last = clients[0]["clients"], clients[-1]["clients"]
     for before, after in zip(first, last, strict=True):
         if before["key"] != 2:  # the honest clients' private models learn
-            assert after["local_loss"] < before["local_loss"]
-            assert after["local_accuracy"] >= max(before["local_accuracy"], 0.5)
+            assert after["private_loss"] < before["private_loss"]
+            assert after["private_accuracy"] >= max(before["private_accuracy"], 0.5)
     assert "rejected the update of node" in log
