@@ -44,8 +44,10 @@ def run_label(name: str, config: dict[str, Any]) -> str:
     paper's keys (the private model as the personalised one, no extra meme epochs; every
     ``fml`` run recorded before the payoff map chose FML's defaults, issue #24) is
     ``fml-paper``, the variant that runs it today."""
-    if (name == "fml" and config.get("personal-model", "private") == "private"
-            and config.get("meme-epochs", 0) == 0):
+    from common.config import recorded_config  # a key older records lack: its value then
+
+    ran = recorded_config(config)
+    if name == "fml" and (ran["personal-model"], ran["meme-epochs"]) == ("private", 0):
         return "fml-paper"
     return name
 
