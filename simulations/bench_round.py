@@ -40,14 +40,10 @@ from typing import Any
 
 from common.flwr_local import ROOT, SimLink, save_benchmark
 from common.profiling import ENV, read_phases
-from simulations.grid import load_preset, overrides
+from simulations.grid import load_preset, overrides, paper_keys
 
 SERVER_PHASES = ("configure-train", "train-exchange", "aggregate", "evaluate-exchange",
                  "central-evaluation", "results-and-checkpoint")
-
-
-#: FML's keys at the values every algorithm ran them with before they took ``auto``
-PAPER_KEYS = {"personal-model": "private", "meme-epochs": 0}
 
 def export_commit(ref: str, dest: Path) -> str:
     """The tree of commit ``ref`` in ``dest``; returns the full commit id."""
@@ -167,7 +163,7 @@ def main() -> None:
             marker = Path(tmp) / f"marker{i}"  # this tree's code writes phases here
             # the baseline may predate FML's `auto` keys (issue #24) and then ran the
             # paper's FML: this tree runs the same work, or the metrics could not agree
-            pinned = {**PAPER_KEYS, **extra} if app == ROOT else extra
+            pinned = {**paper_keys(), **extra} if app == ROOT else extra
             results[name] = timed_run(app, {**run_config, **pinned}, clients, cpus,
                                       Path(tmp) / f"run{i}",
                                       env={ENV: str(marker)} if app != ROOT else None)

@@ -31,6 +31,7 @@ from pathlib import Path
 from common.config import load_config
 from common.flwr_local import ROOT, PeakRSS, SimLink, save_benchmark
 from common.models import TaskSpec, build_model
+from simulations.grid import paper_keys
 
 
 def private_state_bytes(model: str, spec: TaskSpec, momentum: bool) -> int:
@@ -49,8 +50,8 @@ def run_config(population: int, per_round: int, rounds: int, store: str, state_d
            "client-sampling": "cyclic", "private-store": store, "momentum": momentum,
            "seed": 0,
            # the paper's FML, as the committed numbers ran it: the default's mixture would
-           # also fine-tune a meme per evaluated client (simulations/variants/fml-paper.toml)
-           "personal-model": "private", "meme-epochs": 0}
+           # also fine-tune a meme per evaluated client
+           **paper_keys()}
     if store == "disk":
         cfg["state-dir"] = str(state_dir)
     load_config(cfg)

@@ -78,6 +78,12 @@ def load_variant(name: str) -> tuple[str, dict[str, Any]]:
     return algorithm, keys
 
 
+def paper_keys() -> dict[str, Any]:
+    """FML's keys as the paper (and every ``fml`` run before issue #24's defaults) ran them:
+    ``fml-paper``'s, so the scripts that reproduce those results pin them from one file."""
+    return {k: v for k, v in load_variant("fml-paper")[1].items() if k != "algorithm"}
+
+
 @dataclass
 class Job:
     """One cell of the grid."""

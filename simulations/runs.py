@@ -45,9 +45,10 @@ def run_label(name: str, config: dict[str, Any]) -> str:
     ``fml`` run recorded before the payoff map chose FML's defaults, issue #24) is
     ``fml-paper``, the variant that runs it today."""
     from common.config import recorded_config  # a key older records lack: its value then
+    from simulations.grid import paper_keys
 
     ran = recorded_config(config)
-    if name == "fml" and (ran["personal-model"], ran["meme-epochs"]) == ("private", 0):
+    if name == "fml" and all(ran[k] == v for k, v in paper_keys().items()):
         return "fml-paper"
     return name
 

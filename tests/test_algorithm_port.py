@@ -13,13 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from simulations.grid import paper_keys
+
 pytestmark = pytest.mark.e2e
 RECORDED = Path(__file__).parent / "data" / "port"
 #: small, but every moving part: sampling (2 of 3 train), both models, evaluation
 #: (recorded before FML's keys took ``auto``: every algorithm ran them at these values)
 PORT_CONFIG = {"dataset": "digits", "meme-model": "mlp", "local-model": "mlp",
                "num-server-rounds": 2, "batch-size": 32, "seed": 7, "fraction-train": 0.67,
-               "personal-model": "private", "meme-epochs": 0}
+               **paper_keys()}
 ALGORITHMS = ("fml", "fedavg", "fedprox", "local")
 
 
