@@ -92,6 +92,7 @@ class Config:
     trimmed_mean_beta: float
     num_malicious: int
     max_client_weight: int
+    max_update_norm: float
     meme_model: str
     local_model: str
     local_models: str
@@ -378,8 +379,17 @@ def _check_privacy(cfg: Config) -> None:
         raise ConfigError(f"run-config keys 'client-sampling' = 'cyclic' and 'dp-mode' = "
                           f"{mode!r} with fraction-train < 1: DP's accounting counts on "
                           "sampling nobody can predict; expected client-sampling 'random'")
+    if cfg.max_update_norm > 0 and not cfg.algorithm.trains_meme:
+        raise ConfigError(f"run-config key 'max-update-norm' = {cfg.max_update_norm:g} "
+                          f"bounds the meme's updates, but algorithm "
+                          f"{cfg.algorithm.value!r} sends none: expected 0")
     if not cfg.secure_aggregation:
         return
+    if cfg.max_update_norm > 0:
+        raise ConfigError(f"run-config key 'max-update-norm' = {cfg.max_update_norm:g} "
+                          "with secure-aggregation = true: the server sees only the masked "
+                          "sum, never one update's norm; expected 0 (secagg-clipping-range "
+                          "bounds each value instead)")
     if not cfg.algorithm.trains_meme:
         raise ConfigError("run-config key 'secure-aggregation' = true needs a meme to "
                           "aggregate, but algorithm 'local' sends none")

@@ -318,6 +318,11 @@ SCHEMA: tuple[Key, ...] = (
     Key("max-client-weight", int, 0, A, "`weighted`: cap on a reply's num-examples",
         *_ints(0, note="(0: 10 × the median train split the clients reported when "
                "identified)")),
+    Key("max-update-norm", float, 0.0, A, "a train reply whose meme lies further than this "
+        "from the meme sent (L2 norm of the change, floating arrays) is rejected: it would "
+        "otherwise move a `weighted` or `uniform` mean as far as it likes (0: no bound); not "
+        "with `secure-aggregation` (the server sees only the sum: `secagg-clipping-range` "
+        "bounds it)", _non_negative, "a finite number >= 0"),
     # ---------------------------------------------------------------- privacy
     Key("dp-mode", DpMode, DpMode.NONE, P,
         "client-level DP on the meme: `server` (the server clips each update), `client` "

@@ -206,8 +206,10 @@ class MemeStrategy(FedAvg):
             admit_update, template=self.template if uploads else {},
             max_weight=self.max_weight(),
             weight_key=self.weighted_by_key, codec=codec,
-            reference=self.sent_reference() if compressed else None,
-            max_payload=max_payload_bytes(self.template, codec) if compressed else 0)
+            reference=(self.sent_reference()
+                       if compressed or self.cfg.max_update_norm > 0 else None),
+            max_payload=max_payload_bytes(self.template, codec) if compressed else 0,
+            max_norm=self.cfg.max_update_norm)
         accepted = []
         for m in (m for m in replies if not m.has_error()):
             node = m.metadata.src_node_id

@@ -24,6 +24,7 @@ from flwr.app import ArrayRecord, RecordDict
 from common.algorithms.base import PEER_SCORED, SCORED
 from common.compression import Codec, CompressionError, State, Template, decode
 from common.options import Compression
+from common.privacy import update_norm
 
 NUMPY_STYPE = "numpy.ndarray"
 MAX_HEADER = 4096  # bytes of an .npy header we parse at most (honest ones are < 200)
@@ -182,14 +183,17 @@ def payload(record: ArrayRecord, template: Template, codec: Codec, max_bytes: in
 
 def admit_update(content: RecordDict, template: Template, *, max_weight: float | None,
                  weight_key: str = "num-examples", codec: Codec | None = None,
-                 reference: State | None = None, max_payload: int = 0) -> Update:
+                 reference: State | None = None, max_payload: int = 0,
+                 max_norm: float = 0.0) -> Update:
     """The checked meme, weight and metrics of a train reply, or :class:`Rejected`.
 
     The reply holds exactly the records ``arrays`` and ``metrics``; the arrays have exactly
     the template's keys, and each one's bytes the template's shape and dtype, finite; with
     ``compression`` the payload (bounded by ``max_payload``) is decoded against
-    ``reference`` (the meme sent) and the meme it makes is checked the same way. The weight
-    is an integer in [1, ``max_weight``] (None: no cap).
+    ``reference`` (the meme sent) and the meme it makes is checked the same way. With
+    ``max_norm`` > 0 the meme lies within that L2 distance of ``reference``: finite values
+    can still be huge, and a mean follows them. The weight is an integer in [1,
+    ``max_weight``] (None: no cap).
     """
     record = _only_record(content, ARRAYS, "ArrayRecord")
     metrics = _scalars(_only_record(content, METRICS, "MetricRecord"), TRAIN_METRICS)
@@ -215,6 +219,12 @@ def admit_update(content: RecordDict, template: Template, *, max_weight: float |
             raise Rejected(f"array keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
         meme = {k: read_array(record[k], k, shape=shape, dtype=dtype)
                 for k, (shape, dtype) in template.items()}
+    if max_norm > 0 and meme:
+        if reference is None:
+            raise ValueError("max_norm needs the reference the update is measured from")
+        norm = update_norm(meme, reference)
+        if not norm <= max_norm:
+            raise Rejected(f"update norm {norm:.4g} exceeds max-update-norm={max_norm:g}")
     weight = _count(metrics, weight_key, 1, max_weight)
     return Update(meme, float(weight), metrics, sent)
 

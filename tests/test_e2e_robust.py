@@ -73,23 +73,34 @@ def test_bad_client_data_answers_with_an_error_and_the_round_goes_on(simlink, tm
     assert "is empty" in log
 
 
-def test_poisoning_median_and_multi_krum_hold_weighted_breaks(simlink, tmp_path):
+def test_poisoning_median_multi_krum_and_the_norm_bound_hold_weighted_breaks(simlink,
+                                                                              tmp_path):
+    """Client 0 scales its update 100x: finite, well-formed, so the weighted mean follows
+    it. The robust rules hold, and so does the mean behind ``max-update-norm``: the honest
+    updates here measure 1.0-1.1 (read from the rejection reasons of a run bounded at 1e-9),
+    the scaled one about 107, so a bound of 5 stops exactly client 0, every round."""
     common = {"num-server-rounds": 6, "algorithm": "fedavg", "partitioner": "iid",
               "lr": 0.1}
-    acc = {}
+    acc, records = {}, {}
     for name, extra in {
         "clean": {},
         "weighted": {"faults": "scale100:0"},
         "median": {"faults": "scale100:0", "aggregation": "median"},
         "multi-krum": {"faults": "scale100:0", "aggregation": "multi-krum"},
+        "bounded": {"faults": "scale100:0", "max-update-norm": 5.0},
     }.items():
-        records, _ = _run(simlink, tmp_path, name, supernodes=5, **common, **extra)
-        acc[name] = records[-1]["central_meme_accuracy"]
+        records[name], _ = _run(simlink, tmp_path, name, supernodes=5, **common, **extra)
+        acc[name] = records[name][-1]["central_meme_accuracy"]
     print("poisoning, central accuracy after 6 rounds:", acc)
     assert acc["clean"] > 0.9
     assert abs(acc["median"] - acc["clean"]) <= 0.02
     assert abs(acc["multi-krum"] - acc["clean"]) <= 0.02
+    assert abs(acc["bounded"] - acc["clean"]) <= 0.02
     assert acc["weighted"] < acc["clean"] - 0.2
+    for r in records["bounded"]:
+        assert r["num_clients"] == 4
+        [why] = r["rejections"]
+        assert why["key"] == 0 and "exceeds max-update-norm=5" in why["reason"]
 
 
 DP = {"aggregation": "uniform", "dp-mode": "server", "dp-noise-multiplier": 0.5}

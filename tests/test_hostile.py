@@ -168,25 +168,29 @@ def _strategy(run_dir: str, **overrides):
     return strat, log
 
 
+def _meme_reply(node: int, value: float, weight: int, codec_overrides: dict) -> Message:
+    """A well-formed train reply of the meme ``_good(value)``, as a client's mods send it
+    (an encoded update under compression)."""
+    meme = _good(value)
+    if codec_overrides:
+        cfg = load_config(codec_overrides)
+        update = {k: (v - TEMPLATE[k]) for k, v in meme.items()}
+        payload, _ = encode(update, cfg.codec, None)
+        arrays = {k: Array(np.asarray(v)) for k, v in payload.items()}
+    else:
+        arrays = {k: Array(v) for k, v in meme.items()}
+    return _reply(node, arrays, {"num-examples": weight, "train-loss-meme": 0.5})
+
+
 def _honest(codec_overrides: dict) -> list[Message]:
-    """Clients 1 and 2: memes of 1.0 (weight 10) and 4.0 (weight 20), as their mods send
-    them (encoded updates under compression)."""
-    out = []
-    for node, value, weight in ((1, 1.0, 10), (2, 4.0, 20)):
-        meme = _good(value)
-        if codec_overrides:
-            cfg = load_config(codec_overrides)
-            update = {k: (v - TEMPLATE[k]) for k, v in meme.items()}
-            payload, _ = encode(update, cfg.codec, None)
-            arrays = {k: Array(np.asarray(v)) for k, v in payload.items()}
-        else:
-            arrays = {k: Array(v) for k, v in meme.items()}
-        out.append(_reply(node, arrays, {"num-examples": weight, "train-loss-meme": 0.5}))
-    return out
+    """Clients 1 and 2: memes of 1.0 (weight 10) and 4.0 (weight 20)."""
+    return [_meme_reply(node, value, weight, codec_overrides)
+            for node, value, weight in ((1, 1.0, 10), (2, 4.0, 20))]
 
 
 CONFIGS = {
     "plain": {},
+    "bounded": {"max-update-norm": 20.0},  # above the honest 3 and 12 (see below)
     "median": {"aggregation": "median"},
     "int8": {"compression": "int8"},
     "topk": {"compression": "topk", "compression-ratio": 0.5},
@@ -217,7 +221,7 @@ def test_a_forged_train_reply_costs_only_itself(name, hostile):
         released = {k: a.numpy() for k, a in agg.items()}
         finite = all(np.isfinite(v).all() for v in released.values())
         # the honest clients' aggregate, by hand: (10·1 + 20·4) / 30 = 3; median of 1, 4: 2.5
-        expected = {"plain": 3.0, "median": 2.5, "int8": 3.0}.get(name)
+        expected = {"plain": 3.0, "bounded": 3.0, "median": 2.5, "int8": 3.0}.get(name)
         honest = expected is None or np.allclose(released["w"], expected, rtol=1e-2)
         if name == "topk":  # half the entries go up: what the honest replies alone make
             alone, _ = _strategy(tmp + "/alone", **overrides)[0].aggregate_train(
@@ -368,3 +372,29 @@ def test_a_diverged_models_nan_loss_is_dropped_not_held_against_the_reply(tmp_pa
     assert log._current["rejected_updates"] == 0
     assert log._current["meme_accuracy"] == pytest.approx((2 + 18 + 0.5) / 45)
     assert [c["meme_loss"] for c in log._current_clients] == [None, None, 1.25e12]
+
+
+@pytest.mark.parametrize("codec", [{}, {"compression": "int8"}], ids=["plain", "int8"])
+def test_a_finite_scaled_update_passes_the_byte_checks_and_max_update_norm_stops_it(
+        tmp_path, codec):
+    """Node 3 sends the template's keys, shapes and dtypes, finite, a meme of 10^6: every
+    byte check admits it, and the mean follows it, unless ``max-update-norm`` bounds how far
+    a meme may move from the one sent. Norms by hand over the 9 float entries (the integer
+    counter is not an update): the honest memes 1 and 4 lie 3 and 12 from the zeros sent,
+    node 3's lies 3·10^6 away."""
+    def run(bound: float) -> tuple[np.ndarray, list[tuple[int, str]]]:
+        strat, log = _strategy(str(tmp_path / f"bound{bound}"), **codec,
+                               **{"max-update-norm": bound})
+        replies = [*_honest(codec), _meme_reply(3, 1e6, 10, codec)]
+        agg, _ = strat.aggregate_train(1, replies)
+        return agg["w"].numpy(), [(r["node"], r["reason"]) for r in log._current["rejections"]]
+
+    w, rejected = run(0.0)  # no bound: (10·1 + 20·4 + 10·10^6) / 40
+    assert rejected == [] and np.allclose(w, (10 + 80 + 1e7) / 40, rtol=1e-2)
+    w, rejected = run(12.5)  # above both honest norms: their mean, (10·1 + 20·4) / 30
+    assert np.allclose(w, 3.0, rtol=1e-2)
+    assert [node for node, _ in rejected] == [3]
+    assert "update norm 3e+06 exceeds max-update-norm=12.5" in rejected[0][1]
+    w, rejected = run(11.5)  # below client 2's 12: it goes too, client 1 alone is the mean
+    assert np.allclose(w, 1.0, rtol=1e-2) and [node for node, _ in rejected] == [2, 3]
+    assert "update norm 12 exceeds" in rejected[0][1]
