@@ -30,7 +30,8 @@ not this page. -->
 
 Every key lives in `[tool.flwr.app.config]` of `pyproject.toml` and is validated once,
 before any training (`common/config.py`): a bad value fails with the key, the value and
-what is allowed, and an unknown key (a typo) is refused. A key whose default is `auto`
+what is allowed, and an unknown key (a typo) is refused; a combination of keys that
+cannot run names every key involved (`common/config_rules.py`). A key whose default is `auto`
 takes its algorithm's own value (each algorithm's `defaults` in `common/algorithms/`, the
 neutral value where it names none); a run's `config.json` records the value it ran with.
 Override keys on the command line (strings in TOML quotes) or with a TOML file:

@@ -35,6 +35,12 @@ from common.options import (
     PrivateStore,
 )
 
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type, or out of range, or a combination
+    of keys that cannot run."""
+
+
 AUTO = "auto"
 """The value of a key that takes its algorithm's default (a key with ``Key.neutral``)."""
 
