@@ -128,8 +128,9 @@ def _check_privacy(cfg: Config) -> None:
                           "sampling nobody can predict; expected client-sampling 'random'")
     if cfg.max_update_norm > 0 and not cfg.algorithm.trains_meme:
         raise ConfigError(f"run-config key 'max-update-norm' = {cfg.max_update_norm:g} "
-                          f"bounds the meme's updates, but algorithm "
-                          f"{cfg.algorithm.value!r} sends none: expected 0")
+                          "bounds how far a reply's meme moves from the one sent, but "
+                          f"algorithm {cfg.algorithm.value!r} trains no shared meme: "
+                          "expected 0")
     if not cfg.secure_aggregation:
         return
     if cfg.max_update_norm > 0:

@@ -259,12 +259,15 @@ def test_common_imports_one_way_and_without_cycles():
 
 
 def test_max_update_norm_is_refused_where_no_update_can_be_measured():
-    """Under SecAgg+ the server never sees one update; `local` sends none."""
+    """Under SecAgg+ the server never sees one update; `local` and `codistill` train no
+    shared meme to measure one from."""
     assert load_config({"max-update-norm": 5.0}).max_update_norm == 5.0
     with pytest.raises(ConfigError, match="'max-update-norm' = 5 with secure-aggregation"):
         load_config({"max-update-norm": 5.0, "secure-aggregation": True, "min-clients": 2})
-    with pytest.raises(ConfigError, match="'max-update-norm' = 5 .*'local' sends none"):
-        load_config({"max-update-norm": 5.0, "algorithm": "local"})
+    for algorithm in ("local", "codistill"):  # codistill's uploads are the clients' own
+        with pytest.raises(ConfigError, match=f"'max-update-norm' = 5 .*'{algorithm}' trains "
+                                              "no shared meme"):
+            load_config({"max-update-norm": 5.0, "algorithm": algorithm})
     with pytest.raises(ConfigError,
                        match="'max-update-norm' = -1.0 is invalid: expected a finite number"):
         load_config({"max-update-norm": -1.0})
