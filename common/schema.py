@@ -328,7 +328,8 @@ SCHEMA: tuple[Key, ...] = (
         "from the meme sent (L2 norm of the change, floating arrays) is rejected: it would "
         "otherwise move a `weighted` or `uniform` mean as far as it likes (0: no bound); not "
         "with `secure-aggregation` (the server sees only the sum: `secagg-clipping-range` "
-        "bounds it)", _non_negative, "a finite number >= 0"),
+        "bounds it); the accepted replies' norms are recorded (`update_norm`); may change on "
+        "`resume-from`", _non_negative, "a finite number >= 0", resumable=True),
     # ---------------------------------------------------------------- privacy
     Key("dp-mode", DpMode, DpMode.NONE, P,
         "client-level DP on the meme: `server` (the server clips each update), `client` "

@@ -22,6 +22,7 @@ METRIC_KEYS = (
     "bytes_up", "bytes_down", "seconds", "dp_epsilon", "dp_delta", "dp_noise_std",
     "dp_sampled", "dp_population", "dp_clipped", "dp_update_norm", "mix_accuracy",
     "rejections", "peers_accuracy", "private_accuracy", "tuned_accuracy", "peer_accuracies",
+    "update_norm", "update_norm_max",
 )
 #: per client and evaluated round, in ``clients.json``
 CLIENT_KEYS = ("key", "num_train", "num_test", "local_accuracy", "local_loss",

@@ -221,6 +221,9 @@ class MemeStrategy(FedAvg):
                 self._reject("train", node, f"unreadable ({type(exc).__name__}: {exc})")
         self.run_log.set(failed_clients=len(failed) + silent)
         self.run_log.add("bytes_up", sum(u.nbytes for _, u in accepted))
+        norms = [u.norm for _, u in accepted if u.norm is not None]
+        if norms:  # what the honest replies measure: where to set max-update-norm
+            self.run_log.set(update_norm=float(np.median(norms)), update_norm_max=max(norms))
         return accepted
 
     def collect(self, server_round: int, replies: Iterable[Message] | SecureResult,

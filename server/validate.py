@@ -52,6 +52,7 @@ class Update:
     weight: float  # num-examples, positive, capped
     metrics: dict[str, float]  # known keys, finite scalars
     nbytes: int  # payload bytes as sent (bytes_up)
+    norm: float | None = None  # L2 distance from the meme sent, where max_norm was asked
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,7 @@ def admit_update(content: RecordDict, template: Template, *, max_weight: float |
             raise Rejected(f"array keys differ: missing {missing[:3]}, unexpected {extra[:3]}")
         meme = {k: read_array(record[k], k, shape=shape, dtype=dtype)
                 for k, (shape, dtype) in template.items()}
+    norm = None
     if max_norm > 0 and meme:
         if reference is None:
             raise ValueError("max_norm needs the reference the update is measured from")
@@ -226,7 +228,7 @@ def admit_update(content: RecordDict, template: Template, *, max_weight: float |
         if not norm <= max_norm:
             raise Rejected(f"update norm {norm:.4g} exceeds max-update-norm={max_norm:g}")
     weight = _count(metrics, weight_key, 1, max_weight)
-    return Update(meme, float(weight), metrics, sent)
+    return Update(meme, float(weight), metrics, sent, norm)
 
 
 def admit_metrics(content: RecordDict, *, max_weight: float | None,

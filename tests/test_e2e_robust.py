@@ -97,8 +97,10 @@ def test_poisoning_median_multi_krum_and_the_norm_bound_hold_weighted_breaks(sim
     assert abs(acc["multi-krum"] - acc["clean"]) <= 0.02
     assert abs(acc["bounded"] - acc["clean"]) <= 0.02
     assert acc["weighted"] < acc["clean"] - 0.2
+    assert [r["round"] for r in records["bounded"]] == [1, 2, 3, 4, 5, 6]
     for r in records["bounded"]:
         assert r["num_clients"] == 4
+        assert 0.5 < r["update_norm"] <= r["update_norm_max"] < 5  # the honest ones
         [why] = r["rejections"]
         assert why["key"] == 0 and "exceeds max-update-norm=5" in why["reason"]
 
