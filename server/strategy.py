@@ -4,6 +4,7 @@
 - admission: every reply is checked from its bytes by :mod:`server.validate`, which
   returns the checked arrays; a bad reply costs only itself (``rejections``);
 - the aggregation rule: :mod:`server.aggregate`;
+- the evaluation replies' checks, rows and means: :mod:`server.evaluation`;
 - ``secure-aggregation``: :meth:`MemeStrategy.secure_exchange` is the round's train
   exchange (:mod:`server.secure`), and its result is what :meth:`MemeStrategy.collect`
   aggregates.
@@ -15,7 +16,7 @@ return what the round publishes).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from logging import WARNING
@@ -33,13 +34,20 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
 
-from common.algorithms.base import PEER_SCORED, SCORED
+from common.algorithms.base import SCORED
 from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
 from common.options import Compression
 from common.records import record_bytes
 from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
+from server.evaluation import (
+    SCORES,
+    admit_client_evaluation,
+    client_row,
+    peer_accuracies,
+    weighted_means,
+)
 from server.identity import ClientRegistry, OrderedGrid, TooFewClients
 from server.momentum import ServerMomentum
 from server.results import RunLog
@@ -47,20 +55,15 @@ from server.sampling import downlink, messages, sample
 from server.secure import SecureAggregationFailed, SecureResult, secure_mean
 from server.teachers import TeacherBank
 from server.validate import (
-    Evaluation,
     Rejected,
     Template,
     Update,
-    admit_evaluation,
     admit_metrics,
     admit_update,
 )
 
 __all__ = ["Collected", "MemeStrategy", "TooFewClients", "build_strategy"]
 
-#: every evaluation score, by model (:data:`SCORED`)
-SCORES = tuple(f"{name}-{what}" for name in (*SCORED, *PEER_SCORED)
-               for what in ("accuracy", "loss"))
 #: with ``max-client-weight = 0`` a reply's weight is capped at this many times the
 #: median train split reported at identification
 WEIGHT_CAP_FACTOR = 10
@@ -334,20 +337,15 @@ class MemeStrategy(FedAvg):
                            ) -> MetricRecord | None:
         """Sample-weighted client accuracies of the checked replies, recorded as
         local/meme accuracy; and each client's own numbers, by client key
-        (``clients.json``). A client without test data is listed but left out of the mean;
-        a ``num-examples`` above the test split the node reported when identified is
-        refused."""
+        (``clients.json``): :mod:`server.evaluation`. A bad reply costs only itself."""
         clients, checked = [], []
         for m in self.clients.sort_replies(replies):
             node = m.metadata.src_node_id
+            if m.has_error():
+                continue
+            info = self.clients.info.get(node, {})
             try:
-                if m.has_error():
-                    continue
-                got = admit_evaluation(m.content)
-                info = self.clients.info.get(node, {})
-                if "num-test" in info and got.num_examples > int(info["num-test"]):
-                    raise Rejected(f"'num-examples' = {got.num_examples} exceeds the "
-                                   f"{int(info['num-test'])} test examples the node reported")
+                got = admit_client_evaluation(m.content, info)
             except Rejected as exc:
                 self._reject("evaluate", node, str(exc))
                 continue
@@ -355,37 +353,14 @@ class MemeStrategy(FedAvg):
                 self._reject("evaluate", node, f"unreadable ({type(exc).__name__}: {exc})")
                 continue
             checked.append(got)
-            clients.append({
-                "key": self.clients.key_of(node), "num_test": got.num_examples,
-                "num_train": info.get("num-train"),
-                **{k.replace("-", "_"): got.metrics.get(k) for k in (*SCORES, "mix-weight")},
-                "peer_accuracies": _peer_accuracies(got.metrics)})
+            clients.append(client_row(self.clients.key_of(node), got, info))
         self.run_log.set_clients(clients)
         means = weighted_means([c for c in checked if c.num_examples > 0], SCORES)
         if not means:
             return None
         self.run_log.set(**{f"{name}_accuracy": means.get(f"{name}-accuracy")
-                            for name in SCORED}, peer_accuracies=_peer_accuracies(means))
+                            for name in SCORED}, peer_accuracies=peer_accuracies(means))
         return MetricRecord(means)
-
-
-def _peer_accuracies(scores: Mapping[str, float]) -> dict[str, float] | None:
-    """Each of peers 2…K's own accuracy (``private-peers`` > 1), by slot; else None."""
-    return {name: scores[f"{name}-accuracy"] for name in PEER_SCORED
-            if f"{name}-accuracy" in scores} or None
-
-
-def weighted_means(replies: Sequence[Update | Evaluation], keys: Iterable[str],
-                   ) -> dict[str, float]:
-    """Each key's mean over the replies that carry it, weighted by their sample counts."""
-    out = {}
-    for key in keys:
-        pairs = [(getattr(r, "weight", None) or getattr(r, "num_examples", 0), r.metrics[key])
-                 for r in replies if key in r.metrics]
-        total = sum(w for w, _ in pairs)
-        if total > 0:
-            out[key] = float(sum(w * v for w, v in pairs) / total)
-    return out
 
 
 def build_strategy(cfg: Config, run_log: RunLog, clients: ClientRegistry | None = None,
