@@ -32,12 +32,13 @@ def test_fml_simulation_writes_documented_results(simlink, tmp_path):
     for r in records:
         assert tuple(r) == METRIC_KEYS
         dp_keys = [k for k in METRIC_KEYS
-                   if k.startswith("dp_") or k in ("mix_accuracy", "peers_accuracy",
-                                                   "peer_accuracies")]
+                   if k.startswith(("dp_", "update_norm"))
+                   or k in ("mix_accuracy", "peers_accuracy", "peer_accuracies")]
         # the default FML's personalised model is the mixture of the private model and the
         # tuned meme (personal-model "mix"): both parts are reported beside it
         assert all(r[k] is not None for k in METRIC_KEYS if k not in dp_keys), r
-        assert all(r[k] is None for k in dp_keys)  # no DP, no learnt mixture, no peers
+        # no DP, no learnt mixture, no peers, no max-update-norm
+        assert all(r[k] is None for k in dp_keys)
         assert r["num_clients"] == 3 and r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"]
         assert 0 <= r["local_accuracy"] <= 1 and 0 <= r["central_meme_accuracy"] <= 1
     cfg = json.loads((run_dir / "config.json").read_text())
