@@ -341,10 +341,10 @@ class MemeStrategy(FedAvg):
         clients, checked = [], []
         for m in self.clients.sort_replies(replies):
             node = m.metadata.src_node_id
-            if m.has_error():
-                continue
-            info = self.clients.info.get(node, {})
             try:
+                if m.has_error():
+                    continue
+                info = self.clients.info.get(node, {})
                 got = admit_client_evaluation(m.content, info)
             except Rejected as exc:
                 self._reject("evaluate", node, str(exc))
