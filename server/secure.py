@@ -28,7 +28,10 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid
 
+from common.compression import Template
+from common.config import Config
 from common.records import meme_record
+from common.runtime import derive_seed
 
 
 class SecureAggregationFailed(RuntimeError):
@@ -124,3 +127,23 @@ def secure_mean(grid: Grid, msgs: Sequence[Message], keys: Sequence[str], server
                 for proxy, fitres in adapter.results]
     return SecureResult(dict(zip(keys, mean, strict=True)), contents,
                         failed=len(msgs) - len(adapter.results))
+
+
+def secure_round(cfg: Config, template: Template, grid: Grid, msgs: Sequence[Message],
+                 server_round: int, *, max_weight: float, timeout: float) -> SecureResult:
+    """The round's train exchange under SecAgg+: :func:`secure_mean` over the meme's
+    floating arrays, with the run's settings, checked against the meme's ``template``.
+    Integer buffers (BatchNorm's ``num_batches_tracked``) are counters, not data: they stay
+    out of the masked vector and keep the server's value."""
+    floats = [k for k, (_, dtype) in template.items() if dtype.kind == "f"]
+    result = secure_mean(
+        grid, msgs, floats, server_round, num_shares=cfg.secagg_num_shares,
+        threshold=cfg.secagg_threshold, max_weight=max_weight,
+        clipping_range=cfg.secagg_clipping_range, timeout=timeout,
+        seed=derive_seed(cfg.seed, "secagg", server_round))
+    for k, v in result.mean.items():
+        if tuple(v.shape) != template[k][0] or not np.all(np.isfinite(v)):
+            raise SecureAggregationFailed(
+                f"round {server_round}: the securely aggregated '{k}' is not a finite "
+                f"array of shape {template[k][0]}")
+    return result

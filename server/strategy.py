@@ -39,7 +39,6 @@ from common.compression import max_payload_bytes
 from common.config import Aggregation, Config
 from common.options import Compression
 from common.records import record_bytes
-from common.runtime import derive_seed
 from server.aggregate import State, aggregate, as_dtypes
 from server.evaluation import (
     SCORES,
@@ -52,7 +51,7 @@ from server.identity import ClientRegistry, OrderedGrid, TooFewClients
 from server.momentum import ServerMomentum
 from server.results import RunLog
 from server.sampling import downlink, messages, sample
-from server.secure import SecureAggregationFailed, SecureResult, secure_mean
+from server.secure import SecureAggregationFailed, SecureResult, secure_round
 from server.teachers import TeacherBank
 from server.validate import (
     Rejected,
@@ -100,7 +99,6 @@ class MemeStrategy(FedAvg):
         self.sent_arrays = ArrayRecord()  # ... and as it went down (compression-down)
         # co-distillation: each client's latest model, forwarded to others as a teacher
         self.bank = TeacherBank() if cfg.algorithm.spec.keeps_teachers else None
-        self.served: dict[int, int] = {}  # client key -> the exchange whose teachers it got
         self.momentum = ServerMomentum(cfg.server_lr, cfg.server_momentum)
 
     def ordered(self, grid: Grid) -> OrderedGrid:
@@ -141,27 +139,11 @@ class MemeStrategy(FedAvg):
 
     def _teachers(self, server_round: int, nodes: list[int],
                   ) -> dict[int, dict[str, ArrayRecord]]:
-        """Co-distillation: each sampled node that has not yet received the latest
-        exchange's teachers from this server gets them (others' latest models, drawn with
-        that exchange's seed): at the exchange itself, and later for a client that was not
-        sampled then or whose run was resumed since (its kept teachers went with the old
-        process). Between exchanges the bank does not change (models go up only in the
-        round before one), so a late client gets what it would have got."""
-        spec = self.cfg.algorithm.spec
-        exchange = next((r for r in range(server_round, 0, -1)
-                         if spec.teachers(self.cfg, r)), None) if self.bank is not None else None
-        if exchange is None:
+        """Co-distillation: the teachers due to the sampled nodes (:mod:`server.teachers`)."""
+        if self.bank is None:
             return {}
-        out = {}
-        for n in nodes:
-            key = self.clients.key_of(n)
-            if self.served.get(key) == exchange:
-                continue
-            picked = self.bank.pick(key, spec.teachers(self.cfg, exchange),
-                                    derive_seed(self.cfg.seed, "teachers", exchange, key))
-            if picked:
-                out[n], self.served[key] = picked, exchange
-        return out
+        return self.bank.serve(self.cfg, server_round,
+                               {n: self.clients.key_of(n) for n in nodes})
 
     def sent_reference(self) -> State:
         """The open round's meme as the clients received it, in the template's dtypes: what
@@ -297,24 +279,12 @@ class MemeStrategy(FedAvg):
     def secure_exchange(self, grid: Grid, server_round: int, msgs: list[Message],
                         timeout: float) -> SecureResult:
         """The train exchange under SecAgg+ (a step of :func:`server.rounds.run_rounds`):
-        the protocol over the sampled clients, which returns only the unmasked mean of their
-        memes' floating arrays and each completing client's metrics."""
+        :func:`server.secure.secure_round`, each reply weighted up to the cap on
+        ``num-examples`` (1 where weights do not count)."""
         weight = (1.0 if self.cfg.aggregation is Aggregation.UNIFORM
                   else self.max_weight() or 1000.0)
-        # integer buffers (BatchNorm's num_batches_tracked) are counters, not data: they
-        # stay out of the masked vector and keep the server's value
-        floats = [k for k, (_, dtype) in self.template.items() if dtype.kind == "f"]
-        result = secure_mean(
-            grid, msgs, floats, server_round, num_shares=self.cfg.secagg_num_shares,
-            threshold=self.cfg.secagg_threshold, max_weight=weight,
-            clipping_range=self.cfg.secagg_clipping_range, timeout=timeout,
-            seed=derive_seed(self.cfg.seed, "secagg", server_round))
-        for k, v in result.mean.items():
-            if tuple(v.shape) != self.template[k][0] or not np.all(np.isfinite(v)):
-                raise SecureAggregationFailed(
-                    f"round {server_round}: the securely aggregated '{k}' is not a finite "
-                    f"array of shape {self.template[k][0]}")
-        return result
+        return secure_round(self.cfg, self.template, grid, msgs, server_round,
+                            max_weight=weight, timeout=timeout)
 
     def _secure_contents(self, result: SecureResult) -> list[Update]:
         """The completing clients' checked metrics; dropouts and bytes recorded."""
