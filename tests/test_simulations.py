@@ -340,11 +340,12 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     assert rows[(scarce, "fedavg-ft")].split("|")[5].strip() == "+5.00 ± 0.00"
     assert rows[(control, "fml-mix")].split("|")[5].strip() == "-0.19"
     # means: fml-mix 86.25 >= local 81 + 5 and >= fedavg-ft 86
-    assert f"{scarce}: fml-mix >= local + 5 points: met" in out
+    assert f"{scarce}: fml-mix >= local + 5 points: met (2 seeds of the 3 asked)" in out
     assert f"{scarce}: fml-mix >= fedavg-ft: met" in out
+    assert f"| {scarce} | fml-mix >= fedavg-ft | met (2 seeds of the 3 asked) |" in md
     # central: fml's meme 0.75 against fedavg's mean of 0.74 and 0.755
     assert f"{scarce}: fml-mix's meme >= fedavg's global model (central): met" in out
-    assert f"{control}: fml-mix >= local - 0.2 points: met" in out  # -0.19 points
+    assert f"{control}: fml-mix >= local - 0.2 points: met (1 seed of the 3 asked)" in out
     # FedAvg+FT's global model (0.81) stands in for FedAvg's: 0.80 falls short
     assert f"{control}: fml-mix's meme >= fedavg's global model (central): NOT met" in out
     assert (tmp_path / "map" / "map.png").exists()
@@ -356,6 +357,12 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     assert (f"{scarce}: fml-mix's meme >= fedavg3-ft's global model (central; fair "
             "baseline): NOT met") in out
     assert "fedavg-ft (fair baseline)" not in out  # the plain one is a target, not this
+    _fake_run(tmp_path, scarce, "local", 2, 0.81)  # a third seed: 86.5 against 81 + 5
+    _fake_run(tmp_path, scarce, "fml-mix", 2, 0.87, central=0.75, algorithm="fml")
+    main([str(tmp_path), "--fml", "fml-mix"])
+    out = capsys.readouterr().out
+    assert f"{scarce}: fml-mix >= local + 5 points: met (3 seeds)\n" in out
+    assert f"{scarce}: fml-mix >= fedavg-ft: met (2 seeds of the 3 asked)" in out
     _fake_run(tmp_path, control, "fml", 0, 0.94, central=0.8)  # a point behind local
     main([str(tmp_path), "--fml", "fml"])
     out = capsys.readouterr().out
@@ -382,8 +389,8 @@ def test_payoff_ranking_weighs_presets_once_and_refuses_a_loss_or_a_gap(tmp_path
     main([str(tmp_path)])
     out = capsys.readouterr().out
     ranked = [ln.split("|")[1:-1] for ln in
-              (tmp_path / "map" / "map.md").read_text().split("across presets:")[1].splitlines()
-              if ln.startswith("| ")][1:]  # below the header
+              (tmp_path / "map" / "map.md").read_text().split("across presets:")[1]
+              .split("The targets")[0].splitlines() if ln.startswith("| ")][1:]  # below the header
     # columns: configuration, control's gain, scarce's gain, mean, seeds, verdict
     assert [[c.strip() for c in r] for r in ranked] == [
         ["fml-a", "-0.10", "+5.00", "+2.45", "3", "eligible"],  # (5 - 0.1) / 2
