@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
-from logging import INFO, WARNING
+from logging import INFO
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -81,9 +81,7 @@ class _MemeDp:
                 if not self.clips_on_server and norm > self.clipping_norm * (1 + _NORM_SLACK):
                     reason = (f"norm {norm:.4g} exceeds dp-clipping-norm="
                               f"{self.clipping_norm:g} (the client did not clip)")
-                    log(WARNING, "rejected the update of node %d: %s", node, reason)
-                    self.run_log.reject("train", node, self.strategy.clients.keys.get(node),
-                                        reason)
+                    self.strategy.reject("train", node, reason)
                     continue
                 contents.append(content)
                 updates.append(clipped)

@@ -164,7 +164,7 @@ class MemeStrategy(FedAvg):
         sizes = [int(m["num-train"]) for m in self.clients.info.values() if "num-train" in m]
         return float(WEIGHT_CAP_FACTOR * np.median(sizes)) if sizes else None
 
-    def _reject(self, stage: str, node: int, reason: str) -> None:
+    def reject(self, stage: str, node: int, reason: str) -> None:
         """Count a rejected reply and keep its reason (log and ``rejections``)."""
         key = self.clients.keys.get(node)
         what = {"train": "update", "evaluate": "evaluation"}.get(stage, stage)
@@ -201,9 +201,9 @@ class MemeStrategy(FedAvg):
             try:
                 accepted.append((node, admit(m.content)))
             except Rejected as exc:
-                self._reject("train", node, str(exc))
+                self.reject("train", node, str(exc))
             except Exception as exc:  # noqa: BLE001 - a hostile reply costs only itself
-                self._reject("train", node, f"unreadable ({type(exc).__name__}: {exc})")
+                self.reject("train", node, f"unreadable ({type(exc).__name__}: {exc})")
         self.run_log.set(failed_clients=len(failed) + silent)
         self.run_log.add("bytes_up", sum(u.nbytes for _, u in accepted))
         norms = [u.norm for _, u in accepted if u.norm is not None]
@@ -300,7 +300,7 @@ class MemeStrategy(FedAvg):
                 contents.append(admit_metrics(content, max_weight=self.max_weight(),
                                               weight_key=self.weighted_by_key))
             except Rejected as exc:
-                self._reject("train", node, str(exc))
+                self.reject("train", node, str(exc))
         return contents
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
@@ -317,10 +317,10 @@ class MemeStrategy(FedAvg):
                 info = self.clients.info.get(node, {})
                 got = admit_client_evaluation(m.content, info)
             except Rejected as exc:
-                self._reject("evaluate", node, str(exc))
+                self.reject("evaluate", node, str(exc))
                 continue
             except Exception as exc:  # noqa: BLE001 - a hostile reply costs only itself
-                self._reject("evaluate", node, f"unreadable ({type(exc).__name__}: {exc})")
+                self.reject("evaluate", node, f"unreadable ({type(exc).__name__}: {exc})")
                 continue
             checked.append(got)
             clients.append(client_row(self.clients.key_of(node), got, info))

@@ -172,6 +172,9 @@ def test_client_side_dp_rejects_an_update_the_client_did_not_clip(tmp_path):
     log.end_round()
     assert log.records[-1]["rejected_updates"] == 1
     assert log.records[-1]["num_clients"] == 1
+    [why] = log.records[-1]["rejections"]  # the reply of norm 5, with what it measured
+    assert why["stage"] == "train" and why["node"] == 2
+    assert why["reason"].startswith("norm 5 exceeds dp-clipping-norm=1 ")
     assert arrays is not None
 
 
