@@ -5,7 +5,8 @@ alone, by regime, and whether FML meets its targets.
 
 Reads the grid's finished runs under each ROOT (``<preset>/<algorithm>-seed<N>/``; a later
 ROOT adds presets or algorithms, the first holding a cell wins) and writes ``map.md`` and
-``map.png``: per preset and algorithm, the final round's personalised accuracy on the
+``map.png``: at a glance, the ``--fml`` configuration against local and FedAvg+FT on its
+seeds (:func:`headline`); per preset and algorithm, the final round's personalised accuracy on the
 clients' own test data and its gain over ``local`` paired by seed (mean ± std over the
 seeds both have), and the meme's central accuracy. It judges each target for the FML
 configuration named by ``--fml`` (an algorithm or a variant), printed and in ``map.md``,
@@ -102,6 +103,43 @@ def table(rows: list[dict[str, Any]]) -> str:
                      f"{_pm(list(r['accuracy'].values()))} | "
                      f"{_pm(list(r['gain'].values()), sign=True)} | "
                      f"{_pm(list(r['central'].values()))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _paired(me: dict[int, float], them: dict[int, float] | None) -> list[float]:
+    """``me`` − ``them`` on each seed both have."""
+    return [me[s] - them[s] for s in sorted(set(me) & set(them or {}))]
+
+
+def _on(row: dict[str, Any] | None, key: str, seeds: Sequence[int]) -> dict[int, float]:
+    """A row's ``key`` values on ``seeds`` only."""
+    got = (row or {}).get(key, {})
+    return {s: got[s] for s in seeds if s in got}
+
+
+def headline(rows: list[dict[str, Any]], fml: str) -> str:
+    """One line per preset where ``fml`` ran, every column on ``fml``'s seeds (mean ± std):
+    training alone, FedAvg+FT, ``fml``, its gains over the two paired by seed, and the
+    central test set's meme against FedAvg's global model (FedAvg+FT's where no FedAvg
+    ran): the map at a glance, for the README."""
+    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    lines = [f"| preset | seeds | local | FedAvg+FT | {fml} | gain over local | over "
+             "FedAvg+FT | central: meme / FedAvg |", "|---|---|---|---|---|---|---|---|"]
+    for preset in sorted({r["preset"] for r in rows}):
+        me = find.get((preset, fml))
+        if me is None:
+            continue
+        seeds = sorted(me["accuracy"])
+        local = _on(find.get((preset, "local")), "accuracy", seeds)
+        tuned = _on(find.get((preset, "fedavg-ft")), "accuracy", seeds)
+        fedavg = _on(find.get((preset, "fedavg")) or find.get((preset, "fedavg-ft")),
+                     "central", seeds)
+        lines.append(
+            f"| {preset} | {len(seeds)} | {_pm(list(local.values()))} | "
+            f"{_pm(list(tuned.values()))} | {_pm(list(me['accuracy'].values()))} | "
+            f"{_pm(_paired(me['accuracy'], local), sign=True)} | "
+            f"{_pm(_paired(me['accuracy'], tuned), sign=True)} | "
+            f"{_pm(list(me['central'].values()))} / {_pm(list(fedavg.values()))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -255,7 +293,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     ranked = ranking(rows)
     judged = targets(rows, a.fml)
-    md = (table(rows) + "\nFML's configurations, by mean gain over local across presets:\n\n"
+    md = (f"At a glance, for `{a.fml}` (accuracy in %, gains in points; mean ± std over "
+          "seeds, gains paired by seed):\n\n" + headline(rows, a.fml) + "\nEvery cell:\n\n"
+          + table(rows) + "\nFML's configurations, by mean gain over local across presets:\n\n"
           + ranking_table(ranked) + f"\nThe targets, for `{a.fml}` (means over the seeds "
           "both sides have):\n\n" + targets_table(judged))
     (out / "map.md").write_text(md)

@@ -339,6 +339,11 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     assert rows[(scarce, "fml-mix")].split("|")[5].strip() == "+5.25 ± 1.77"
     assert rows[(scarce, "fedavg-ft")].split("|")[5].strip() == "+5.00 ± 0.00"
     assert rows[(control, "fml-mix")].split("|")[5].strip() == "-0.19"
+    # at a glance, by hand: local 80, 82; FT 85, 87; fml-mix 86.5, 86 (over FT +1.5, -1);
+    # central 75, 75 against FedAvg's 74, 75.5; the control on seed 0, FT's model as FedAvg's
+    assert (f"| {scarce} | 2 | 81.00 ± 1.41 | 86.00 ± 1.41 | 86.25 ± 0.35 | +5.25 ± 1.77 | "
+            "+0.25 ± 1.77 | 75.00 ± 0.00 / 74.75 ± 1.06 |") in md
+    assert f"| {control} | 1 | 95.00 | 96.00 | 94.81 | -0.19 | -1.19 | 80.00 / 81.00 |" in md
     # means: fml-mix 86.25 >= local 81 + 5 and >= fedavg-ft 86
     assert f"{scarce}: fml-mix >= local + 5 points: met (2 seeds of the 3 asked)" in out
     assert f"{scarce}: fml-mix >= fedavg-ft: met" in out
@@ -362,6 +367,9 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     main([str(tmp_path), "--fml", "fml-mix"])
     out = capsys.readouterr().out
     assert f"{scarce}: fml-mix >= local + 5 points: met (3 seeds)\n" in out
+    # FedAvg+FT has no seed 2: its column keeps to seeds 0-1, the gain over it too
+    assert (f"| {scarce} | 3 | 81.00 ± 1.00 | 86.00 ± 1.41 | 86.50 ± 0.50 | +5.50 ± 1.32 | "
+            "+0.25 ± 1.77 |") in out
     assert f"{scarce}: fml-mix >= fedavg-ft: met (2 seeds of the 3 asked)" in out
     _fake_run(tmp_path, control, "fml", 0, 0.94, central=0.8)  # a point behind local
     main([str(tmp_path), "--fml", "fml"])
