@@ -47,7 +47,7 @@ _NORM_SLACK = 1e-5  # relative: float32 rounding of a client's clipped update
 
 class _MemeDp:
     """The shared ``aggregate_train`` of both wrappers (mixed in front of Flower's); it
-    talks to the meme strategy through ``collect`` and ``release`` only."""
+    talks to the meme strategy through ``collect``, ``reject`` and ``release`` only."""
 
     strategy: MemeStrategy
     noise_multiplier: float

@@ -9,9 +9,10 @@
   exchange (:mod:`server.secure`), and its result is what :meth:`MemeStrategy.collect`
   aggregates.
 
-DP (:mod:`server.privacy`) works through two methods: :meth:`MemeStrategy.collect` (the
-round's accepted memes, or SecAgg+'s sum) and :meth:`MemeStrategy.release` (record and
-return what the round publishes).
+DP (:mod:`server.privacy`) works through three methods: :meth:`MemeStrategy.collect` (the
+round's accepted memes, or SecAgg+'s sum), :meth:`MemeStrategy.reject` (a reply DP refuses
+costs only itself, like any other) and :meth:`MemeStrategy.release` (record and return
+what the round publishes).
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ class MemeStrategy(FedAvg):
                         timeout: float) -> SecureResult:
         """The train exchange under SecAgg+ (a step of :func:`server.rounds.run_rounds`):
         :func:`server.secure.secure_round`, each reply weighted up to the cap on
-        ``num-examples`` (1 where weights do not count)."""
+        ``num-examples`` (1 where weights do not count; 1000 while no client has
+        reported its train split)."""
         weight = (1.0 if self.cfg.aggregation is Aggregation.UNIFORM
                   else self.max_weight() or 1000.0)
         return secure_round(self.cfg, self.template, grid, msgs, server_round,

@@ -20,7 +20,9 @@ from server.aggregate import State
 
 
 class TeacherBank:
-    """The latest checked model of every client that uploaded one."""
+    """The latest checked model of every client that uploaded one (``models``, kept in
+    the checkpoint), and the exchange whose teachers each client last got (``served``,
+    not kept: a resumed run serves every client again)."""
 
     def __init__(self) -> None:
         self.models: dict[int, State] = {}

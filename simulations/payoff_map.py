@@ -117,11 +117,18 @@ def _on(row: dict[str, Any] | None, key: str, seeds: Sequence[int]) -> dict[int,
     return {s: got[s] for s in seeds if s in got}
 
 
+def _of(values: Sequence[float], n: int, sign: bool = False) -> str:
+    """:func:`_pm`, saying how many of the row's ``n`` seeds it rests on when fewer."""
+    short = f" ({len(values)} of {n})" if values and len(values) < n else ""
+    return _pm(values, sign=sign) + short
+
+
 def headline(rows: list[dict[str, Any]], fml: str) -> str:
-    """One line per preset where ``fml`` ran, every column on ``fml``'s seeds (mean ± std):
-    training alone, FedAvg+FT, ``fml``, its gains over the two paired by seed, and the
-    central test set's meme against FedAvg's global model (FedAvg+FT's where no FedAvg
-    ran): the map at a glance, for the README."""
+    """One line per preset where ``fml`` ran, on ``fml``'s seeds (mean ± std; a column
+    that rests on fewer of them says how many): training alone, FedAvg+FT, ``fml``, its
+    gains over the two paired by seed, and the central test set's meme against FedAvg's
+    global model (FedAvg+FT's where no FedAvg ran) on the seeds both have: the map at a
+    glance, for the README."""
     find = {(r["preset"], r["algorithm"]): r for r in rows}
     lines = [f"| preset | seeds | local | FedAvg+FT | {fml} | gain over local | over "
              "FedAvg+FT | central: meme / FedAvg |", "|---|---|---|---|---|---|---|---|"]
@@ -130,16 +137,19 @@ def headline(rows: list[dict[str, Any]], fml: str) -> str:
         if me is None:
             continue
         seeds = sorted(me["accuracy"])
+        n = len(seeds)
         local = _on(find.get((preset, "local")), "accuracy", seeds)
         tuned = _on(find.get((preset, "fedavg-ft")), "accuracy", seeds)
         fedavg = _on(find.get((preset, "fedavg")) or find.get((preset, "fedavg-ft")),
                      "central", seeds)
+        meme = _on(me, "central", sorted(fedavg) if fedavg else seeds)
+        fedavg = _on({"central": fedavg}, "central", sorted(meme))
         lines.append(
-            f"| {preset} | {len(seeds)} | {_pm(list(local.values()))} | "
-            f"{_pm(list(tuned.values()))} | {_pm(list(me['accuracy'].values()))} | "
-            f"{_pm(_paired(me['accuracy'], local), sign=True)} | "
-            f"{_pm(_paired(me['accuracy'], tuned), sign=True)} | "
-            f"{_pm(list(me['central'].values()))} / {_pm(list(fedavg.values()))} |")
+            f"| {preset} | {n} | {_of(list(local.values()), n)} | "
+            f"{_of(list(tuned.values()), n)} | {_pm(list(me['accuracy'].values()))} | "
+            f"{_of(_paired(me['accuracy'], local), n, sign=True)} | "
+            f"{_of(_paired(me['accuracy'], tuned), n, sign=True)} | "
+            f"{_pm(list(meme.values()))} / {_of(list(fedavg.values()), n)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,8 +160,8 @@ def _at_least(me: dict[int, float], them: dict[int, float] | None, margin: float
     seeds = set(me) & set(them or {})
     if not seeds:
         return None, 0
-    return (statistics.mean(me[s] for s in seeds)
-            >= statistics.mean(them[s] for s in seeds) + margin), len(seeds)
+    return (statistics.mean(me[s] for s in seeds)  # 1e-9: float sums of equal means
+            >= statistics.mean(them[s] for s in seeds) + margin - 1e-9), len(seeds)
 
 
 def targets(rows: list[dict[str, Any]], fml: str,

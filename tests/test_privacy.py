@@ -525,3 +525,36 @@ def test_a_run_folder_from_before_the_ledger_is_accounted_from_its_records(tmp_p
     assert log.records[-1]["dp_epsilon"] == pytest.approx(
         epsilon_spent([one, one], 1e-5, subsampled=False), rel=1e-12)
     assert _ledger_rounds(log.run_dir) == [1, 2]
+
+
+@pytest.mark.parametrize("bad", ["shape", "nan"])
+def test_secure_round_masks_only_float_arrays_and_fails_on_a_broken_mean(tmp_path,
+                                                                          monkeypatch, bad):
+    """SecAgg+ itself runs in tests/test_e2e_privacy.py; here its result is replaced to
+    check what the round does with it: the masked keys are the floating arrays (the
+    integer counter keeps the server's value), and a mean of the wrong shape or not
+    finite fails the run (SecureAggregationFailed) instead of becoming the meme."""
+    import server.secure as secure
+    from common.runtime import derive_seed
+
+    cfg = load_config({"algorithm": "fedavg", "secure-aggregation": True, "min-clients": 2,
+                       "output-dir": str(tmp_path)})
+    template = template_of(ArrayRecord({k: Array(v) for k, v in _ref().items()}))
+    asked = {}
+    mean = {"w": np.full(D, 0.5, np.float32)}
+
+    def protocol(grid, msgs, keys, server_round, **kw):
+        asked.update(keys=list(keys), round=server_round, **kw)
+        return secure.SecureResult(dict(mean), [(1, RecordDict()), (2, RecordDict())], 0)
+
+    monkeypatch.setattr(secure, "secure_mean", protocol)
+    got = secure.secure_round(cfg, template, None, [], 4, max_weight=9.0, timeout=5.0)
+    assert got.mean["w"].tolist() == [0.5] * D
+    assert asked["keys"] == ["w"] and asked["round"] == 4 and asked["max_weight"] == 9.0
+    assert asked["seed"] == derive_seed(cfg.seed, "secagg", 4)
+    mean["w"] = (np.zeros(D + 1, np.float32) if bad == "shape"
+                 else np.full(D, np.nan, np.float32))
+    with pytest.raises(secure.SecureAggregationFailed,
+                       match=rf"round 4: the securely aggregated 'w' is not a finite array "
+                             rf"of shape \({D},\)"):
+        secure.secure_round(cfg, template, None, [], 4, max_weight=9.0, timeout=5.0)

@@ -367,15 +367,38 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     main([str(tmp_path), "--fml", "fml-mix"])
     out = capsys.readouterr().out
     assert f"{scarce}: fml-mix >= local + 5 points: met (3 seeds)\n" in out
-    # FedAvg+FT has no seed 2: its column keeps to seeds 0-1, the gain over it too
-    assert (f"| {scarce} | 3 | 81.00 ± 1.00 | 86.00 ± 1.41 | 86.50 ± 0.50 | +5.50 ± 1.32 | "
-            "+0.25 ± 1.77 |") in out
+    # FedAvg+FT and FedAvg have no seed 2: their columns say so, the gain over FedAvg+FT
+    # and the central pair keep to seeds 0-1
+    assert (f"| {scarce} | 3 | 81.00 ± 1.00 | 86.00 ± 1.41 (2 of 3) | 86.50 ± 0.50 | "
+            "+5.50 ± 1.32 | +0.25 ± 1.77 (2 of 3) | 75.00 ± 0.00 / 74.75 ± 1.06 (2 of 3) |"
+            ) in out
+    _fake_run(tmp_path, scarce, "local", 3, 0.10)  # a seed FML lacks: not in its row
+    main([str(tmp_path), "--fml", "fml-mix"])
+    assert f"| {scarce} | 3 | 81.00 ± 1.00 | 86.00 ± 1.41 (2 of 3) |" in capsys.readouterr().out
     assert f"{scarce}: fml-mix >= fedavg-ft: met (2 seeds of the 3 asked)" in out
     _fake_run(tmp_path, control, "fml", 0, 0.94, central=0.8)  # a point behind local
     main([str(tmp_path), "--fml", "fml"])
     out = capsys.readouterr().out
     assert f"{control}: fml >= local - 0.2 points: NOT met" in out
     assert f"{scarce}: fml" not in out  # no fml run there: nothing judged
+
+
+def test_payoff_targets_count_a_gain_of_exactly_the_margin_as_met(tmp_path, capsys):
+    """0.86 >= 0.81 + 0.05 is False in floating point; five points are five points."""
+    from simulations.payoff_map import main
+
+    scarce = "payoff-fmnist-100-dir0.5"
+    _fake_run(tmp_path, scarce, "local", 0, 0.81)
+    _fake_run(tmp_path, scarce, "fml-mix", 0, 0.86, central=0.8, algorithm="fml")
+    _fake_run(tmp_path, scarce, "fedavg-ft", 0, 0.86, central=0.8)
+    main([str(tmp_path), "--fml", "fml-mix"])
+    out = capsys.readouterr().out
+    assert f"{scarce}: fml-mix >= local + 5 points: met (1 seed of the 3 asked)" in out
+    assert f"{scarce}: fml-mix >= fedavg-ft: met" in out
+    _fake_run(tmp_path, scarce, "fedavg", 0, 0.7, central=0.8001)
+    main([str(tmp_path), "--fml", "fml-mix"])  # a hundredth of a point short is short
+    assert (f"{scarce}: fml-mix's meme >= fedavg's global model (central): NOT met"
+            in capsys.readouterr().out)
 
 
 def test_payoff_ranking_weighs_presets_once_and_refuses_a_loss_or_a_gap(tmp_path, capsys):
