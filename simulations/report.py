@@ -31,6 +31,7 @@ from simulations.runs import (
     mean_std,
     order_key,
     personal_key,
+    personal_label,
     pyplot,
     save_figure,
     series,
@@ -124,9 +125,8 @@ def plot_accuracy(preset: str, algos: dict[str, list[dict[str, Any]]], path: Pat
             if not len(x):
                 continue
             arr = 100 * arr
-            what = {"local_accuracy": "private model", "mix_accuracy": "mixture"}
             shared = "meme" if algo.startswith("fml") else "global model"
-            label = f"{algo} ({what.get(k, shared)})"
+            label = f"{algo} ({shared if key else personal_label(algo, algos[algo][0])})"
             color = f"C{ordered.index(algo) % 10}"
             ax.plot(x, arr.mean(0), marker="o", ms=3, label=label, color=color)
             if len(arr) > 1:

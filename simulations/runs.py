@@ -16,9 +16,11 @@ Runs = dict[str, dict[str, list[dict[str, Any]]]]
 
 RUN_DIR = re.compile(r"^(?P<algorithm>[a-z][a-z0-9.-]*?)-seed(?P<seed>\d+)$")
 ORDER = ["fml", "fedavg", "fedprox", "fedavg-ft", "ditto", "codistill", "local"]
-# The client-side accuracy each algorithm is judged by: FML's and local's private model,
-# FedAvg's and FedProx's global model on each client's own test split; the others (FedAvg's
-# fine-tuned copy, Ditto's personal model) report their personalised model as local.
+# The client-side accuracy each algorithm is judged by: FML's personalised prediction (its
+# ``personal-model``: the private model, the tuned meme or their mixture) and local's
+# private model, FedAvg's and FedProx's global model on each client's own test split; the
+# others (FedAvg's fine-tuned copy, Ditto's personal model) report their personalised model
+# as local.
 PERSONAL_KEY = {"fml": "local_accuracy", "local": "local_accuracy", "fedavg": "meme_accuracy",
                 "fedprox": "meme_accuracy"}
 
@@ -30,6 +32,32 @@ def personal_key(algo: str, run: dict[str, Any]) -> str:
     if algo == "fml" and run.get("config", {}).get("personal-mix"):
         return "mix_accuracy"
     return PERSONAL_KEY.get(algo, "local_accuracy")
+
+
+#: what each FML ``personal-model`` scores as the personalised prediction (``local_accuracy``)
+PERSONAL_MODEL = {"private": "private model", "tuned": "tuned meme", "choice": "chosen model",
+                  "mix": "private + tuned meme"}
+#: what the other algorithms report as ``local_accuracy``
+LOCAL_IS = {"local": "private model", "codistill": "private model",
+            "fedavg-ft": "fine-tuned model", "ditto": "personal model"}
+
+
+def personal_label(algo: str, run: dict[str, Any]) -> str:
+    """What :func:`personal_key` scores for this run, in words, for a legend: FML's
+    personalised prediction follows its ``personal-model`` (the private model only with
+    ``private``), FedAvg's is the global model, FedAvg+FT's the fine-tuned copy."""
+    from common.config import recorded_config  # older records: the value they ran with
+
+    key = personal_key(algo, run)
+    if key == "mix_accuracy":
+        return "mixture"
+    if key != "local_accuracy":
+        return "global model"
+    config = recorded_config(run.get("config", {}))
+    family = str(config.get("algorithm", algo))
+    if family == "fml":
+        return PERSONAL_MODEL.get(str(config.get("personal-model")), "personalised model")
+    return LOCAL_IS.get(family, "personalised model")
 
 
 def order_key(algo: str, run: dict[str, Any]) -> tuple[int, str]:

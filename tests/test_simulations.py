@@ -383,6 +383,30 @@ def test_payoff_map_pairs_gains_by_seed_and_judges_the_targets(tmp_path, capsys)
     assert f"{scarce}: fml" not in out  # no fml run there: nothing judged
 
 
+@pytest.mark.parametrize(("overrides", "label"), [
+    ({"algorithm": "fml"}, "private + tuned meme"),  # today's default: personal-model mix
+    ({"algorithm": "fml", "personal-model": "tuned"}, "tuned meme"),
+    ({"algorithm": "fml", "personal-model": "private"}, "private model"),
+    ({"algorithm": "fml", "personal-model": "private", "personal-mix": True}, "mixture"),
+    ({"algorithm": "fedavg-ft"}, "fine-tuned model"),
+    ({"algorithm": "fedavg"}, "global model"),
+    ({"algorithm": "local"}, "private model"),
+])
+def test_the_legend_names_the_model_each_run_is_judged_by(overrides, label):
+    """An `fml` run's local_accuracy is its personal-model's prediction, not necessarily the
+    private model's; the plots' legend says which."""
+    from simulations.runs import personal_label
+
+    config = load_config(overrides).to_dict()
+    assert personal_label(overrides["algorithm"], {"config": config}) == label
+
+
+def test_an_fml_record_older_than_personal_model_is_labelled_by_its_private_model():
+    from simulations.runs import personal_label
+
+    assert personal_label("fml", {"config": {"algorithm": "fml"}}) == "private model"
+
+
 def test_payoff_targets_count_a_gain_of_exactly_the_margin_as_met(tmp_path, capsys):
     """0.86 >= 0.81 + 0.05 is False in floating point; five points are five points."""
     from simulations.payoff_map import main
