@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulations.runs import Runs, load_runs, order_key, personal_key, pyplot, save_figure, series
+from simulations.runs import Runs, load_runs, order_key, personal_key, pyplot, series
 
 SCARCE = "payoff-"  # presets of the data-scarce regimes start so; the rest are controls
 SEEDS_ASKED = 3  # the issue's targets are judged on three seeds
@@ -267,29 +267,49 @@ def targets_table(judged: list[tuple[str, str, bool | None, int]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[dict[str, Any]], path: Path) -> None:
-    """Gain over local (points, mean ± std over seeds) per preset, one bar per algorithm."""
+def figure(rows: list[dict[str, Any]], path: Path, fml: str = "fml", span: float = 8.0,
+           ) -> None:
+    """The map as one figure: a cell per algorithm (row) and preset (column) with the
+    personalised accuracy and the gain over local (mean ± std over seeds, paired by seed),
+    coloured by that gain (saturating at ±``span`` points, so FedAvg's −27 does not wash
+    out the differences of a point that matter); blank where not run. Rows: local, the
+    baselines, ``fml`` (the configuration judged), the other FML configurations."""
+    import numpy as np
+
     plt = pyplot()
     presets = sorted({r["preset"] for r in rows})
-    algos = list(dict.fromkeys(r["algorithm"] for r in rows if r["algorithm"] != "local"))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(presets) * max(1, len(algos)) / 3), 4))
-    width = 0.8 / max(1, len(algos))
+    family = {r["algorithm"]: r["family"] for r in rows}
+    algos = sorted(dict.fromkeys(r["algorithm"] for r in rows), key=lambda a: (
+        a != "local", family[a] == "fml", a != fml))  # stable: first seen within each
+    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    gain = np.full((len(algos), len(presets)), np.nan)
     for i, algo in enumerate(algos):
-        xs, ms, ss = [], [], []
         for j, preset in enumerate(presets):
-            gains = [100 * g for r in rows if r["preset"] == preset and r["algorithm"] == algo
-                     for g in r["gain"].values()]
-            if gains:
-                xs.append(j + (i - (len(algos) - 1) / 2) * width)
-                ms.append(statistics.mean(gains))
-                ss.append(statistics.stdev(gains) if len(gains) > 1 else 0.0)
-        ax.bar(xs, ms, width, yerr=ss, capsize=2, label=algo)
-    ax.axhline(0, color="grey", lw=0.8)
-    ax.set_xticks(range(len(presets)), presets, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel("personalised − local-only (points)")
-    ax.set_title("The payoff map: gain over training alone")
-    ax.legend(fontsize=7, ncol=2)
-    save_figure(fig, path)
+            r = find.get((preset, algo))
+            if r and r["gain"]:
+                gain[i, j] = 100 * statistics.mean(r["gain"].values())
+    fig, ax = plt.subplots(figsize=(2.3 * len(presets) + 4, 0.42 * len(algos) + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(gain), cmap="RdBu", vmin=-span, vmax=span,
+                      aspect="auto")
+    for i, algo in enumerate(algos):
+        for j, preset in enumerate(presets):
+            r = find.get((preset, algo))
+            if not r or not r["accuracy"]:
+                continue
+            text = _pm(list(r["accuracy"].values()))
+            if r["gain"] and algo != "local":
+                text += f"\n{_pm(list(r['gain'].values()), sign=True)}"
+            text += f"  ({len(r['accuracy'])})"
+            dark = not np.isnan(gain[i, j]) and abs(gain[i, j]) > 0.6 * span
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                    color="white" if dark else "black")
+    ax.set_xticks(range(len(presets)), presets, fontsize=7.5, rotation=10, ha="right")
+    ax.set_yticks(range(len(algos)), algos, fontsize=7.5)
+    ax.set_title("The payoff map: personalised accuracy (%), gain over training alone "
+                 "(points, paired by seed), (seeds)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="gain over local-only (points)", shrink=0.8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long variant names stay whole
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -309,7 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           + ranking_table(ranked) + f"\nThe targets, for `{a.fml}` (means over the seeds "
           "both sides have):\n\n" + targets_table(judged))
     (out / "map.md").write_text(md)
-    figure(rows, out / "map.png")
+    figure(rows, out / "map.png", a.fml)
     print(md)
     for preset, what, ok, seeds in judged:
         print(f"{preset}: {what}: {verdict(ok, seeds)}")
