@@ -4,11 +4,12 @@ alone, by regime, and whether FML meets its targets.
     python -m simulations.payoff_map ROOT [ROOT ...] [--out DIR] [--fml fml]
 
 Reads the grid's finished runs under each ROOT (``<preset>/<algorithm>-seed<N>/``; a later
-ROOT adds presets or algorithms, the first holding a cell wins) and writes ``map.md`` and
-``map.png``: at a glance, the ``--fml`` configuration against local and FedAvg+FT on its
-seeds (:func:`headline`); per preset and algorithm, the final round's personalised accuracy on the
-clients' own test data and its gain over ``local`` paired by seed (mean ± std over the
-seeds both have), and the meme's central accuracy. It judges each target for the FML
+ROOT adds presets or algorithms, the first holding a cell wins) and writes ``map.md``: at
+a glance, the ``--fml`` configuration against local and FedAvg+FT on its seeds
+(:func:`headline`); per preset and algorithm, the final round's personalised accuracy on
+the clients' own test data and its gain over ``local`` paired by seed (mean ± std over
+the seeds both have), and the meme's central accuracy; ``map.png``, the same cells as a
+heatmap coloured by the gain (:func:`figure`). It judges each target for the FML
 configuration named by ``--fml`` (an algorithm or a variant), printed and in ``map.md``,
 with the seeds behind each verdict (the issue asks for three):
 
