@@ -107,6 +107,18 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _by_cell(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The rows by (preset, algorithm)."""
+    return {(r["preset"], r["algorithm"]): r for r in rows}
+
+
+def _fedavg_of(find: dict[tuple[str, str], dict[str, Any]], preset: str,
+               ) -> dict[str, Any] | None:
+    """The run whose global model is FedAvg's on ``preset``: FedAvg's, else FedAvg+FT's
+    (it trains exactly as FedAvg, fine-tuning touches a copy; tested)."""
+    return find.get((preset, "fedavg")) or find.get((preset, "fedavg-ft"))
+
+
 def _paired(me: dict[int, float], them: dict[int, float] | None) -> list[float]:
     """``me`` − ``them`` on each seed both have."""
     return [me[s] - them[s] for s in sorted(set(me) & set(them or {}))]
@@ -130,7 +142,7 @@ def headline(rows: list[dict[str, Any]], fml: str) -> str:
     gains over the two paired by seed, and the central test set's meme against FedAvg's
     global model (FedAvg+FT's where no FedAvg ran) on the seeds both have: the map at a
     glance, for the README."""
-    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    find = _by_cell(rows)
     lines = [f"| preset | seeds | local | FedAvg+FT | {fml} | gain over local | over "
              "FedAvg+FT | central: meme / FedAvg |", "|---|---|---|---|---|---|---|---|"]
     for preset in sorted({r["preset"] for r in rows}):
@@ -141,10 +153,10 @@ def headline(rows: list[dict[str, Any]], fml: str) -> str:
         n = len(seeds)
         local = _on(find.get((preset, "local")), "accuracy", seeds)
         tuned = _on(find.get((preset, "fedavg-ft")), "accuracy", seeds)
-        fedavg = _on(find.get((preset, "fedavg")) or find.get((preset, "fedavg-ft")),
-                     "central", seeds)
-        meme = _on(me, "central", sorted(fedavg) if fedavg else seeds)
-        fedavg = _on({"central": fedavg}, "central", sorted(meme))
+        base = _on(_fedavg_of(find, preset), "central", seeds)
+        shared = [s for s in base if s in me["central"]]  # the central pair's seeds
+        meme = _on(me, "central", shared if base else seeds)
+        fedavg = _on({"central": base}, "central", shared)
         lines.append(
             f"| {preset} | {n} | {_of(list(local.values()), n)} | "
             f"{_of(list(tuned.values()), n)} | {_pm(list(me['accuracy'].values()))} | "
@@ -169,16 +181,14 @@ def targets(rows: list[dict[str, Any]], fml: str,
             ) -> list[tuple[str, str, bool | None, int]]:
     """(preset, target, met?, seeds) for the FML configuration ``fml``: None where a run
     the target needs is missing. Compared as means over the seeds both sides have."""
-    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    find = _by_cell(rows)
     out = []
     for preset in sorted({r["preset"] for r in rows}):
         me = find.get((preset, fml))
         if me is None:
             continue
         local, tuned = find.get((preset, "local")), find.get((preset, "fedavg-ft"))
-        # FedAvg+FT trains exactly as FedAvg (fine-tuning touches a copy; tested), so its
-        # global model stands in for FedAvg's where no FedAvg run was made
-        fedavg = find.get((preset, "fedavg")) or tuned
+        fedavg = _fedavg_of(find, preset)
         if preset.startswith(SCARCE):
             out.append((preset, f"{fml} >= local + 5 points",
                         *_at_least(me["accuracy"], local and local["accuracy"], 0.05)))
@@ -282,7 +292,7 @@ def figure(rows: list[dict[str, Any]], path: Path, fml: str = "fml", span: float
     family = {r["algorithm"]: r["family"] for r in rows}
     algos = sorted(dict.fromkeys(r["algorithm"] for r in rows), key=lambda a: (
         a != "local", family[a] == "fml", a != fml))  # stable: first seen within each
-    find = {(r["preset"], r["algorithm"]): r for r in rows}
+    find = _by_cell(rows)
     gain = np.full((len(algos), len(presets)), np.nan)
     for i, algo in enumerate(algos):
         for j, preset in enumerate(presets):
